@@ -1,0 +1,513 @@
+//! `BartConfig`: the model hyper-parameters, read from a Hugging Face `config.json`.
+//!
+//! Field names and defaults follow transformers' `BartConfig` (and the older fields that
+//! KoBART's 2020 configs still carry), so any BART-family `config.json` deserializes as-is.
+//! Unknown fields are ignored; values we cannot honour are rejected with an error naming the field.
+
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Token ids that may be a single id or a list (transformers accepts both for `eos_token_id`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// One id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// All ids as a vector.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+
+    /// The first id, if any.
+    pub fn first(&self) -> Option<u32> {
+        self.to_vec().first().copied()
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenIds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(u32),
+            Many(Vec<u32>),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::One(id) => TokenIds::One(id),
+            Raw::Many(ids) => TokenIds::Many(ids),
+        })
+    }
+}
+
+/// The feed-forward activation functions we implement, by their transformers names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact (erf) GELU: transformers' `"gelu"`.
+    Gelu,
+    /// Tanh-approximated GELU: `"gelu_new"`, `"gelu_pytorch_tanh"`, `"gelu_fast"`.
+    #[serde(alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluNew,
+    /// `"relu"`.
+    Relu,
+    /// `"silu"` / `"swish"`.
+    #[serde(alias = "swish")]
+    Silu,
+    /// `"tanh"`.
+    Tanh,
+}
+
+fn d_vocab() -> usize {
+    50265
+}
+fn d_max_pos() -> usize {
+    1024
+}
+fn d_layers() -> usize {
+    12
+}
+fn d_ffn() -> usize {
+    4096
+}
+fn d_heads() -> usize {
+    16
+}
+fn d_model() -> usize {
+    1024
+}
+fn d_dropout() -> f64 {
+    0.1
+}
+fn d_init_std() -> f64 {
+    0.02
+}
+fn d_activation() -> String {
+    "gelu".into()
+}
+fn d_pad() -> Option<u32> {
+    Some(1)
+}
+fn d_bos() -> Option<u32> {
+    Some(0)
+}
+fn d_eos() -> Option<TokenIds> {
+    Some(TokenIds::One(2))
+}
+fn d_decoder_start() -> Option<u32> {
+    Some(2)
+}
+fn d_forced_eos() -> Option<u32> {
+    Some(2)
+}
+fn d_true() -> bool {
+    true
+}
+fn d_offset() -> usize {
+    2
+}
+
+/// BART hyper-parameters as written in a Hugging Face `config.json`.
+///
+/// Defaults are transformers' `BartConfig` defaults; KoBART-v1 overrides most of them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BartConfig {
+    /// `"bart"` (post-LN) or `"mbart"` (pre-LN with final layer norms); absent means bart.
+    #[serde(default)]
+    pub model_type: Option<String>,
+    /// Vocabulary size (rows of the shared embedding).
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    /// Positions the learned position table covers (the table has 2 more rows: BART's offset).
+    #[serde(default = "d_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Hidden width.
+    #[serde(default = "d_model")]
+    pub d_model: usize,
+    /// Encoder layer count.
+    #[serde(default = "d_layers")]
+    pub encoder_layers: usize,
+    /// Encoder feed-forward width.
+    #[serde(default = "d_ffn")]
+    pub encoder_ffn_dim: usize,
+    /// Encoder attention heads.
+    #[serde(default = "d_heads")]
+    pub encoder_attention_heads: usize,
+    /// Decoder layer count.
+    #[serde(default = "d_layers")]
+    pub decoder_layers: usize,
+    /// Decoder feed-forward width.
+    #[serde(default = "d_ffn")]
+    pub decoder_ffn_dim: usize,
+    /// Decoder attention heads.
+    #[serde(default = "d_heads")]
+    pub decoder_attention_heads: usize,
+    /// LayerDrop probability of encoder layers (training only; must be 0 here).
+    #[serde(default)]
+    pub encoder_layerdrop: f64,
+    /// LayerDrop probability of decoder layers (training only; must be 0 here).
+    #[serde(default)]
+    pub decoder_layerdrop: f64,
+    /// Feed-forward activation, by transformers' name.
+    #[serde(default = "d_activation")]
+    pub activation_function: String,
+    /// Dropout on embeddings and sub-layer outputs (training only).
+    #[serde(default = "d_dropout")]
+    pub dropout: f64,
+    /// Dropout on attention probabilities (training only).
+    #[serde(default)]
+    pub attention_dropout: f64,
+    /// Dropout after the feed-forward activation (training only).
+    #[serde(default)]
+    pub activation_dropout: f64,
+    /// Standard deviation used to initialise weights from scratch.
+    #[serde(default = "d_init_std")]
+    pub init_std: f64,
+    /// Multiply token embeddings by `sqrt(d_model)`.
+    #[serde(default)]
+    pub scale_embedding: bool,
+    /// Padding token id.
+    #[serde(default = "d_pad")]
+    pub pad_token_id: Option<u32>,
+    /// Beginning-of-sequence token id.
+    #[serde(default = "d_bos")]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token id(s).
+    #[serde(default = "d_eos")]
+    pub eos_token_id: Option<TokenIds>,
+    /// First decoder input token.
+    #[serde(default = "d_decoder_start")]
+    pub decoder_start_token_id: Option<u32>,
+    /// Token forced as the last one when generation reaches `max_length`.
+    #[serde(default = "d_forced_eos")]
+    pub forced_eos_token_id: Option<u32>,
+    /// Token forced as the first generated one.
+    #[serde(default)]
+    pub forced_bos_token_id: Option<u32>,
+    /// Legacy spelling of `forced_bos_token_id = bos_token_id`.
+    #[serde(default)]
+    pub force_bos_token_to_be_generated: bool,
+    /// Pre-LN layers (fairseq / mBART style).
+    #[serde(default)]
+    pub normalize_before: bool,
+    /// A final LayerNorm after the last encoder and decoder layer.
+    #[serde(default)]
+    pub add_final_layer_norm: bool,
+    /// LayerNorm right after the embeddings (`layernorm_embedding`).
+    #[serde(default = "d_true")]
+    pub normalize_embedding: bool,
+    /// The lm head shares the token embedding matrix.
+    #[serde(default = "d_true")]
+    pub tie_word_embeddings: bool,
+    /// Legacy field: BART's position offset, always 2.
+    #[serde(default = "d_offset")]
+    pub extra_pos_embeddings: usize,
+    /// Legacy field: sinusoidal positions (unsupported when true).
+    #[serde(default)]
+    pub static_position_embeddings: bool,
+    /// Legacy field: a learned logits bias instead of `final_logits_bias` (unsupported when true).
+    #[serde(default)]
+    pub add_bias_logits: bool,
+    /// Legacy field: Blenderbot-90M layer norm order (unsupported when true).
+    #[serde(default)]
+    pub do_blenderbot_90_layernorm: bool,
+    /// Generation defaults that older configs keep in `config.json`.
+    #[serde(default)]
+    pub num_beams: Option<usize>,
+    /// See [`BartConfig::num_beams`].
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    /// See [`BartConfig::num_beams`].
+    #[serde(default)]
+    pub min_length: Option<usize>,
+    /// See [`BartConfig::num_beams`].
+    #[serde(default)]
+    pub no_repeat_ngram_size: Option<usize>,
+    /// See [`BartConfig::num_beams`].
+    #[serde(default)]
+    pub length_penalty: Option<f64>,
+    /// See [`BartConfig::num_beams`].
+    #[serde(default)]
+    pub early_stopping: Option<serde_json::Value>,
+}
+
+impl BartConfig {
+    /// Reads and validates a `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses and validates `config.json` text; `path` is only used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let cfg: BartConfig = serde_json::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            field: field_of_serde_error(&e),
+            message: e.to_string(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |field: &str, message: String| Error::Config {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            message,
+        };
+        if let Some(t) = &self.model_type {
+            if t != "bart" && t != "mbart" {
+                return Err(bad(
+                    "model_type",
+                    format!("`{t}` is not a BART-family model (expected \"bart\" or \"mbart\")"),
+                ));
+            }
+        }
+        self.activation().map_err(|m| bad("activation_function", m))?;
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("encoder_ffn_dim", self.encoder_ffn_dim),
+            ("decoder_ffn_dim", self.decoder_ffn_dim),
+            ("encoder_attention_heads", self.encoder_attention_heads),
+            ("decoder_attention_heads", self.decoder_attention_heads),
+        ] {
+            if v == 0 {
+                return Err(bad(field, "must be greater than 0".into()));
+            }
+        }
+        for (field, heads) in [
+            ("encoder_attention_heads", self.encoder_attention_heads),
+            ("decoder_attention_heads", self.decoder_attention_heads),
+        ] {
+            if self.d_model % heads != 0 {
+                return Err(bad(
+                    field,
+                    format!("d_model {} is not divisible by {heads} heads", self.d_model),
+                ));
+            }
+        }
+        for (field, p) in [
+            ("dropout", self.dropout),
+            ("attention_dropout", self.attention_dropout),
+            ("activation_dropout", self.activation_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(bad(field, format!("{p} is not a probability in [0, 1)")));
+            }
+        }
+        if self.encoder_layerdrop != 0.0 || self.decoder_layerdrop != 0.0 {
+            let field = if self.encoder_layerdrop != 0.0 {
+                "encoder_layerdrop"
+            } else {
+                "decoder_layerdrop"
+            };
+            return Err(bad(field, "LayerDrop is not supported; set it to 0.0".into()));
+        }
+        if self.extra_pos_embeddings != 2 {
+            return Err(bad(
+                "extra_pos_embeddings",
+                format!(
+                    "BART's position offset is 2, got {}; such a checkpoint is not BART",
+                    self.extra_pos_embeddings
+                ),
+            ));
+        }
+        if self.static_position_embeddings {
+            return Err(bad(
+                "static_position_embeddings",
+                "sinusoidal position embeddings are not supported".into(),
+            ));
+        }
+        if self.add_bias_logits {
+            return Err(bad(
+                "add_bias_logits",
+                "a learned logits bias layer is not supported (BART uses final_logits_bias)".into(),
+            ));
+        }
+        if self.do_blenderbot_90_layernorm {
+            return Err(bad(
+                "do_blenderbot_90_layernorm",
+                "the Blenderbot-90M layer norm variant is not supported".into(),
+            ));
+        }
+        let vocab = self.vocab_size as u32;
+        let ids = [
+            ("pad_token_id", self.pad_token_id),
+            ("bos_token_id", self.bos_token_id),
+            ("decoder_start_token_id", self.decoder_start_token_id),
+            ("forced_eos_token_id", self.forced_eos_token_id),
+            ("forced_bos_token_id", self.forced_bos_token_id),
+        ];
+        for (field, id) in ids {
+            if let Some(id) = id {
+                if id >= vocab {
+                    return Err(bad(field, format!("id {id} is outside the vocabulary of {vocab}")));
+                }
+            }
+        }
+        for id in self.eos_ids() {
+            if id >= vocab {
+                return Err(bad("eos_token_id", format!("id {id} is outside the vocabulary of {vocab}")));
+            }
+        }
+        if self.decoder_start_token_id.is_none() {
+            return Err(bad(
+                "decoder_start_token_id",
+                "is null; BART needs a decoder start token".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parsed activation function.
+    pub fn activation(&self) -> std::result::Result<Activation, String> {
+        serde_json::from_value(serde_json::Value::String(self.activation_function.clone()))
+            .map_err(|_| {
+                format!(
+                    "activation `{}` is not implemented (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, relu, silu, swish, tanh)",
+                    self.activation_function
+                )
+            })
+    }
+
+    /// Whether layers are pre-LN (mBART, or `normalize_before`).
+    pub fn pre_layer_norm(&self) -> bool {
+        self.normalize_before || self.model_type.as_deref() == Some("mbart")
+    }
+
+    /// Whether encoder and decoder end with their own LayerNorm (mBART, or `add_final_layer_norm`).
+    pub fn final_layer_norm(&self) -> bool {
+        self.add_final_layer_norm || self.model_type.as_deref() == Some("mbart")
+    }
+
+    /// Factor applied to token embeddings.
+    pub fn embed_scale(&self) -> f64 {
+        if self.scale_embedding {
+            (self.d_model as f64).sqrt()
+        } else {
+            1.0
+        }
+    }
+
+    /// End-of-sequence ids (possibly several).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+    }
+
+    /// The decoder start token (validated to exist).
+    pub fn decoder_start(&self) -> u32 {
+        self.decoder_start_token_id.unwrap_or(2)
+    }
+
+    /// The forced first token, honouring the legacy `force_bos_token_to_be_generated`.
+    pub fn forced_bos(&self) -> Option<u32> {
+        self.forced_bos_token_id.or(if self.force_bos_token_to_be_generated {
+            self.bos_token_id
+        } else {
+            None
+        })
+    }
+
+    /// Rows of the learned position tables (`max_position_embeddings + 2`).
+    pub fn position_table_rows(&self) -> usize {
+        self.max_position_embeddings + self.extra_pos_embeddings
+    }
+
+    /// The configuration of KoBART-v1 (`gogamza/kobart-base-v1`).
+    pub fn kobart_base_v1() -> Self {
+        let json = r#"{
+            "model_type": "bart", "vocab_size": 30000, "max_position_embeddings": 1026,
+            "d_model": 768, "encoder_layers": 6, "decoder_layers": 6,
+            "encoder_attention_heads": 16, "decoder_attention_heads": 16,
+            "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072, "activation_function": "gelu",
+            "dropout": 0.1, "attention_dropout": 0.0, "activation_dropout": 0.0,
+            "scale_embedding": false, "pad_token_id": 3, "bos_token_id": 0, "eos_token_id": 1,
+            "decoder_start_token_id": 1, "forced_eos_token_id": 1
+        }"#;
+        serde_json::from_str(json).expect("built-in KoBART config is valid")
+    }
+}
+
+/// Best-effort extraction of the field name from a serde error message.
+fn field_of_serde_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    if let Some(start) = msg.find('`') {
+        if let Some(len) = msg[start + 1..].find('`') {
+            return msg[start + 1..start + 1 + len].to_string();
+        }
+    }
+    "-".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<BartConfig> {
+        BartConfig::from_json_str(json, Path::new("config.json"))
+    }
+
+    #[test]
+    fn defaults_are_transformers_defaults() {
+        let c = parse("{}").unwrap();
+        assert_eq!(c.vocab_size, 50265);
+        assert_eq!(c.d_model, 1024);
+        assert_eq!(c.eos_ids(), vec![2]);
+        assert_eq!(c.decoder_start(), 2);
+        assert_eq!(c.forced_eos_token_id, Some(2));
+        assert_eq!(c.activation().unwrap(), Activation::Gelu);
+        assert!(!c.pre_layer_norm());
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_lists_accepted() {
+        let c = parse(r#"{"author": "x", "kobart_version": 1.0, "eos_token_id": [1, 2]}"#).unwrap();
+        assert_eq!(c.eos_ids(), vec![1, 2]);
+    }
+
+    #[test]
+    fn unsupported_activation_names_the_field() {
+        let err = parse(r#"{"activation_function": "mish"}"#).unwrap_err().to_string();
+        assert!(err.contains("activation_function"), "{err}");
+        assert!(err.contains("mish"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        let err = parse(r#"{"d_model": "wide"}"#).unwrap_err().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        assert!(err.contains("d_model") || err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn legacy_force_bos_maps_to_forced_bos() {
+        let c = parse(r#"{"force_bos_token_to_be_generated": true, "bos_token_id": 0}"#).unwrap();
+        assert_eq!(c.forced_bos(), Some(0));
+    }
+
+    #[test]
+    fn mbart_is_pre_ln() {
+        let c = parse(r#"{"model_type": "mbart"}"#).unwrap();
+        assert!(c.pre_layer_norm() && c.final_layer_norm());
+        let err = parse(r#"{"model_type": "t5"}"#).unwrap_err().to_string();
+        assert!(err.contains("model_type"), "{err}");
+    }
+
+    #[test]
+    fn heads_must_divide_width() {
+        let err = parse(r#"{"d_model": 100, "encoder_attention_heads": 16}"#).unwrap_err().to_string();
+        assert!(err.contains("encoder_attention_heads"), "{err}");
+    }
+}

@@ -1,0 +1,351 @@
+//! Greedy and beam search over [`Bart`], reproducing transformers' `generate()` for
+//! encoder-decoder models (transformers 4.57's vectorised beam search, step for step).
+
+use candle_core::{DType, Tensor};
+
+use super::config::{EarlyStopping, GenerationConfig};
+use super::processors::{log_softmax_in_place, process};
+use crate::error::{Error, Result};
+use crate::model::{Bart, DecoderCache};
+
+/// Score transformers adds to rule a candidate out (`-1e9`).
+const MASKED: f32 = -1.0e9;
+
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    /// Generated token ids, without the decoder start token, ending with eos when the model
+    /// stopped by itself (what `generate()` returns minus its first token and padding).
+    pub ids: Vec<u32>,
+    /// Beam search's length-normalised log-probability (`sequences_scores`); `None` for greedy.
+    pub score: Option<f32>,
+}
+
+/// Right-pads `inputs` with `pad` into `(ids, mask)` tensors on the model's device.
+pub fn pad_batch(model: &Bart, inputs: &[Vec<u32>], pad: u32) -> Result<(Tensor, Tensor)> {
+    let width = inputs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(inputs.len() * width);
+    let mut mask = Vec::with_capacity(inputs.len() * width);
+    for row in inputs {
+        ids.extend_from_slice(row);
+        ids.extend(std::iter::repeat_n(pad, width - row.len()));
+        mask.extend(std::iter::repeat_n(1u8, row.len()));
+        mask.extend(std::iter::repeat_n(0u8, width - row.len()));
+    }
+    let shape = (inputs.len(), width);
+    Ok((
+        Tensor::from_vec(ids, shape, model.device())?,
+        Tensor::from_vec(mask, shape, model.device())?,
+    ))
+}
+
+/// Generates one output per input (token ids without special tokens added), batched.
+pub fn generate(model: &Bart, inputs: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Generated>> {
+    cfg.validate()
+        .map_err(|(field, msg)| Error::Invalid(format!("generation setting {field}: {msg}")))?;
+    if inputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let max_pos = model.config().max_position_embeddings;
+    for (i, row) in inputs.iter().enumerate() {
+        if row.is_empty() {
+            return Err(Error::Invalid(format!("input {i} is empty (no tokens)")));
+        }
+        if row.len() > max_pos {
+            return Err(Error::Invalid(format!(
+                "input {i} has {} tokens; the model accepts at most {max_pos} (max_position_embeddings)",
+                row.len()
+            )));
+        }
+    }
+    if cfg.effective_max_length() > max_pos {
+        return Err(Error::Invalid(format!(
+            "max_length {} exceeds the model's max_position_embeddings {max_pos}",
+            cfg.effective_max_length()
+        )));
+    }
+    let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
+    let (ids, mask) = pad_batch(model, inputs, pad)?;
+    let encoded = model.encode(&ids, Some(&mask), false)?;
+    if cfg.num_beams == 1 {
+        let cache = model.start_decoding(&encoded, Some(&mask))?;
+        greedy(model, cache, inputs.len(), cfg)
+    } else {
+        let k = cfg.num_beams;
+        let rows: Vec<u32> = (0..inputs.len() as u32)
+            .flat_map(|i| std::iter::repeat_n(i, k))
+            .collect();
+        let rows = Tensor::new(rows.as_slice(), model.device())?;
+        let encoded = encoded.index_select(&rows, 0)?;
+        let mask = mask.index_select(&rows, 0)?;
+        let cache = model.start_decoding(&encoded, Some(&mask))?;
+        beam_search(model, cache, inputs.len(), cfg)
+    }
+}
+
+/// Runs one decoder step for the last token of each row; returns f32 logits, one row each.
+fn step_logits(model: &Bart, cache: &mut DecoderCache, last: &[u32]) -> Result<Vec<Vec<f32>>> {
+    let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
+    let logits = model.decode_step(&ids, cache)?.squeeze(1)?;
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+fn greedy(
+    model: &Bart,
+    mut cache: DecoderCache,
+    batch: usize,
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generated>> {
+    let max_length = cfg.effective_max_length();
+    let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
+    let mut seqs: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; batch];
+    let mut done = vec![false; batch];
+    while seqs[0].len() < max_length {
+        let last: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
+        let logits = step_logits(model, &mut cache, &last)?;
+        for (b, mut row) in logits.into_iter().enumerate() {
+            let next = if done[b] {
+                pad
+            } else {
+                process(&mut row, &seqs[b], cfg);
+                argmax(&row)
+            };
+            seqs[b].push(next);
+            if cfg.eos_token_ids.contains(&next) {
+                done[b] = true;
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+    }
+    Ok(seqs
+        .into_iter()
+        .map(|s| {
+            let mut ids = s[1..].to_vec();
+            if let Some(end) = ids.iter().position(|t| cfg.eos_token_ids.contains(t)) {
+                ids.truncate(end + 1);
+            }
+            Generated { ids, score: None }
+        })
+        .collect())
+}
+
+/// Index of the first maximum (as `torch.argmax`).
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] || (row[best].is_nan() && !v.is_nan()) {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// The `k` largest values of `scores` as `(value, index)`, largest first (ties: lower index first).
+fn top_k(scores: &[f32], k: usize) -> Vec<(f32, usize)> {
+    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
+    let mut all: Vec<(f32, usize)> = scores.iter().map(|&v| key(v)).zip(0..).collect();
+    let cmp = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let k = k.min(all.len());
+    if k < all.len() {
+        all.select_nth_unstable_by(k, cmp);
+        all.truncate(k);
+    }
+    all.sort_by(cmp);
+    all
+}
+
+/// A hypothesis: decoder tokens (start token included) and its score.
+#[derive(Debug, Clone)]
+struct Hypothesis {
+    tokens: Vec<u32>,
+    score: f32,
+    finished: bool,
+}
+
+/// Beam state of one input.
+struct BeamState {
+    running: Vec<Hypothesis>,
+    finished: Vec<Hypothesis>,
+    improvement_possible: bool,
+}
+
+fn beam_search(
+    model: &Bart,
+    mut cache: DecoderCache,
+    batch: usize,
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generated>> {
+    let k = cfg.num_beams;
+    let max_length = cfg.effective_max_length();
+    let prompt_len = 1usize;
+    let keep = 2usize.max(1 + cfg.eos_token_ids.len()) * k;
+    let lp = cfg.length_penalty;
+    let start = vec![cfg.decoder_start_token_id];
+    let mut states: Vec<BeamState> = (0..batch)
+        .map(|_| BeamState {
+            running: (0..k)
+                .map(|j| Hypothesis {
+                    tokens: start.clone(),
+                    score: if j == 0 { 0.0 } else { MASKED },
+                    finished: false,
+                })
+                .collect(),
+            finished: (0..k)
+                .map(|_| Hypothesis {
+                    tokens: start.clone(),
+                    score: MASKED,
+                    finished: false,
+                })
+                .collect(),
+            improvement_possible: true,
+        })
+        .collect();
+    let mut cur_len = prompt_len;
+    loop {
+        let last: Vec<u32> = states
+            .iter()
+            .flat_map(|s| s.running.iter().map(|h| *h.tokens.last().unwrap_or(&0)))
+            .collect();
+        let logits = step_logits(model, &mut cache, &last)?;
+        let vocab = logits[0].len();
+        let mut reorder = Vec::with_capacity(batch * k);
+        let mut all_hit = true;
+        for (b, state) in states.iter_mut().enumerate() {
+            // Accumulated log-probabilities of every (beam, token) continuation.
+            let mut acc = Vec::with_capacity(k * vocab);
+            for (j, hyp) in state.running.iter().enumerate() {
+                let mut row = logits[b * k + j].clone();
+                log_softmax_in_place(&mut row);
+                process(&mut row, &hyp.tokens, cfg);
+                acc.extend(row.into_iter().map(|v| v + hyp.score));
+            }
+            let cands: Vec<(f32, usize, u32, bool)> = top_k(&acc, keep)
+                .into_iter()
+                .map(|(score, idx)| {
+                    let token = (idx % vocab) as u32;
+                    let hit = cfg.eos_token_ids.contains(&token) || cur_len + 1 >= max_length;
+                    (score, idx / vocab, token, hit)
+                })
+                .collect();
+            all_hit &= cands.iter().all(|c| c.3);
+            let extend = |beam: usize, token: u32| {
+                let mut t = state.running[beam].tokens.clone();
+                t.push(token);
+                t
+            };
+
+            // Next running beams: the best continuations that did not stop.
+            let running_scores: Vec<f32> = cands
+                .iter()
+                .map(|c| c.0 + if c.3 { MASKED } else { 0.0 })
+                .collect();
+            let next_running: Vec<(Hypothesis, usize)> = top_k(&running_scores, k)
+                .into_iter()
+                .map(|(score, i)| {
+                    let (_, beam, token, _) = cands[i];
+                    (
+                        Hypothesis {
+                            tokens: extend(beam, token),
+                            score,
+                            finished: false,
+                        },
+                        beam,
+                    )
+                })
+                .collect();
+
+            // Finished hypotheses: merge the stopped top-k candidates into the kept ones.
+            let denom = ((cur_len + 1 - prompt_len) as f64).powf(lp) as f32;
+            let batch_full = state.finished.iter().all(|h| h.finished)
+                && cfg.early_stopping == EarlyStopping::True;
+            let mut merged: Vec<Hypothesis> = state.finished.clone();
+            for (i, &(score, beam, token, hit)) in cands.iter().enumerate() {
+                let just_finished = hit && i < k;
+                let mut s = score / denom;
+                if batch_full {
+                    s += MASKED;
+                }
+                if !state.improvement_possible {
+                    s += MASKED;
+                }
+                if !just_finished {
+                    s += MASKED;
+                }
+                merged.push(Hypothesis {
+                    tokens: extend(beam, token),
+                    score: s,
+                    finished: just_finished,
+                });
+            }
+            let merged_scores: Vec<f32> = merged.iter().map(|h| h.score).collect();
+            state.finished = top_k(&merged_scores, k)
+                .into_iter()
+                .map(|(_, i)| merged[i].clone())
+                .collect();
+
+            reorder.extend(next_running.iter().map(|(_, beam)| (b * k + beam) as u32));
+            state.running = next_running.into_iter().map(|(h, _)| h).collect();
+        }
+        cache.reorder(&reorder)?;
+        cur_len += 1;
+
+        // transformers' early-stop heuristic: can the best running beam still beat the worst
+        // finished one?
+        for state in states.iter_mut() {
+            let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
+                max_length - prompt_len
+            } else {
+                cur_len - prompt_len
+            };
+            let best_possible = state.running[0].score / (best_len as f64).powf(lp) as f32;
+            let worst = state
+                .finished
+                .iter()
+                .map(|h| h.score)
+                .fold(f32::INFINITY, f32::min);
+            let can_improve = state.finished.iter().any(|h| {
+                let worst_here = if h.finished { worst } else { MASKED };
+                best_possible > worst_here
+            });
+            state.improvement_possible &= can_improve;
+        }
+        let improvement_possible = states.iter().any(|s| s.improvement_possible);
+        let all_finished = states
+            .iter()
+            .all(|s| s.finished.iter().all(|h| h.finished));
+        let open_beam = !(all_finished && cfg.early_stopping == EarlyStopping::True);
+        if !(improvement_possible && open_beam && !all_hit) {
+            break;
+        }
+    }
+    Ok(states
+        .into_iter()
+        .map(|s| {
+            let best = &s.finished[0];
+            Generated {
+                ids: best.tokens[prompt_len..].to_vec(),
+                score: Some(best.score),
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_and_breaks_ties_by_index() {
+        let v = [0.5f32, 2.0, f32::NEG_INFINITY, 2.0, 1.0, f32::NAN];
+        assert_eq!(top_k(&v, 3), vec![(2.0, 1), (2.0, 3), (1.0, 4)]);
+        assert_eq!(top_k(&v, 10).len(), 6);
+    }
+
+    #[test]
+    fn argmax_takes_first_maximum() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+    }
+}

@@ -1,0 +1,35 @@
+//! # kb-core
+//!
+//! The library behind kobart-keywords: a KoBART (BART) model on candle that computes what
+//! Hugging Face transformers' `BartForConditionalGeneration` computes, its weights and tokenizer
+//! loading, generation equal to transformers' `generate()`, and keyword post-processing.
+//!
+//! ```no_run
+//! use kb_core::{KeywordModel, candle_core::{DType, Device}};
+//! let m = KeywordModel::load("gogamza/kobart-base-v1", DType::F32, &Device::Cpu)?;
+//! let mut gen = m.generation.clone();
+//! gen.num_beams = 5;
+//! let out = m.extract(&["이사화물 통관예약을 하면 뭐가 좋나요?"], &gen, None)?;
+//! println!("{}", out[0].keywords.join(", "));
+//! # Ok::<(), kb_core::Error>(())
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod generation;
+pub mod keywords;
+pub mod model;
+pub mod pipeline;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use candle_core;
+pub use candle_nn;
+pub use config::BartConfig;
+pub use error::{Error, Result};
+pub use generation::{generate, GenerationConfig, Generated};
+pub use model::Bart;
+pub use pipeline::{parse_device, parse_dtype, Extraction, KeywordModel};
+pub use source::{ModelSource, DEFAULT_MODEL};
+pub use tokenizer::KoTokenizer;

@@ -1,0 +1,496 @@
+//! BART for conditional generation, computing what transformers' `BartForConditionalGeneration`
+//! computes (and mBART's pre-LN variant when the config asks for it).
+//!
+//! Tensor names follow transformers exactly: `model.shared.weight`, `model.encoder.layers.0.…`,
+//! `final_logits_bias`, `lm_head.weight` (tied to the shared embedding unless
+//! `tie_word_embeddings` is false).
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use super::layers::{
+    additive_causal_mask, additive_padding_mask, dropout, Attention, FeedForward, KeyValues,
+    LayerNorm,
+};
+use crate::config::BartConfig;
+use crate::error::{Error, Result};
+
+/// Token and position embeddings, plus the optional `layernorm_embedding`.
+#[derive(Debug, Clone)]
+struct Embeddings {
+    tokens: Tensor,
+    positions: Tensor,
+    layernorm: Option<LayerNorm>,
+    scale: f64,
+    offset: usize,
+}
+
+impl Embeddings {
+    fn load(cfg: &BartConfig, shared: &Tensor, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let positions = vb.get_with_hints(
+            (cfg.position_table_rows(), cfg.d_model),
+            "embed_positions.weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: cfg.init_std,
+            },
+        )?;
+        let layernorm = if cfg.normalize_embedding {
+            Some(LayerNorm::load(cfg.d_model, vb.pp("layernorm_embedding"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            tokens: shared.clone(),
+            positions,
+            layernorm,
+            scale: cfg.embed_scale(),
+            offset: cfg.extra_pos_embeddings,
+        })
+    }
+
+    /// Embeds `ids` `(batch, len)` whose first position is `past` (for cached decoding).
+    fn forward(&self, ids: &Tensor, past: usize, train: bool) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let rows = self.positions.dim(0)?;
+        if past + t + self.offset > rows {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's max_position_embeddings ({})",
+                past + t,
+                rows - self.offset
+            );
+        }
+        let mut x = self
+            .tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, ()))?;
+        if self.scale != 1.0 {
+            x = (x * self.scale)?;
+        }
+        let start = (past + self.offset) as u32;
+        let pos_ids = Tensor::arange(start, start + t as u32, ids.device())?;
+        let pos = self.positions.index_select(&pos_ids, 0)?;
+        let mut x = x.broadcast_add(&pos)?;
+        if let Some(ln) = &self.layernorm {
+            x = ln.forward(&x, train)?;
+        }
+        Ok(x)
+    }
+}
+
+/// One encoder layer.
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    ffn: FeedForward,
+    final_layer_norm: LayerNorm,
+    dropout: f64,
+    pre_ln: bool,
+}
+
+impl EncoderLayer {
+    fn load(cfg: &BartConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let act = cfg.activation().map_err(candle_core::Error::msg)?;
+        Ok(Self {
+            self_attn: Attention::load(
+                cfg.d_model,
+                cfg.encoder_attention_heads,
+                cfg.attention_dropout,
+                vb.pp("self_attn"),
+            )?,
+            self_attn_layer_norm: LayerNorm::load(cfg.d_model, vb.pp("self_attn_layer_norm"))?,
+            ffn: FeedForward::load(
+                cfg.d_model,
+                cfg.encoder_ffn_dim,
+                act,
+                cfg.activation_dropout,
+                vb.clone(),
+            )?,
+            final_layer_norm: LayerNorm::load(cfg.d_model, vb.pp("final_layer_norm"))?,
+            dropout: cfg.dropout,
+            pre_ln: cfg.pre_layer_norm(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> candle_core::Result<Tensor> {
+        if self.pre_ln {
+            let h = self.self_attn_layer_norm.forward(x, train)?;
+            let kv = self.self_attn.key_values(&h)?;
+            let h = self.self_attn.attend(&h, &kv, mask, train)?;
+            let x = (x + dropout(&h, self.dropout, train)?)?;
+            let h = self.final_layer_norm.forward(&x, train)?;
+            let h = self.ffn.forward(&h, train)?;
+            x + dropout(&h, self.dropout, train)?
+        } else {
+            let kv = self.self_attn.key_values(x)?;
+            let h = self.self_attn.attend(x, &kv, mask, train)?;
+            let x = self
+                .self_attn_layer_norm
+                .forward(&(x + dropout(&h, self.dropout, train)?)?, train)?;
+            let h = self.ffn.forward(&x, train)?;
+            self.final_layer_norm
+                .forward(&(x + dropout(&h, self.dropout, train)?)?, train)
+        }
+    }
+}
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    self_attn_layer_norm: LayerNorm,
+    encoder_attn: Attention,
+    encoder_attn_layer_norm: LayerNorm,
+    ffn: FeedForward,
+    final_layer_norm: LayerNorm,
+    dropout: f64,
+    pre_ln: bool,
+}
+
+/// Cached keys and values of one decoder layer.
+#[derive(Debug, Clone)]
+struct LayerCache {
+    self_kv: Option<KeyValues>,
+    cross_kv: KeyValues,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &BartConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let act = cfg.activation().map_err(candle_core::Error::msg)?;
+        let heads = cfg.decoder_attention_heads;
+        Ok(Self {
+            self_attn: Attention::load(cfg.d_model, heads, cfg.attention_dropout, vb.pp("self_attn"))?,
+            self_attn_layer_norm: LayerNorm::load(cfg.d_model, vb.pp("self_attn_layer_norm"))?,
+            encoder_attn: Attention::load(
+                cfg.d_model,
+                heads,
+                cfg.attention_dropout,
+                vb.pp("encoder_attn"),
+            )?,
+            encoder_attn_layer_norm: LayerNorm::load(cfg.d_model, vb.pp("encoder_attn_layer_norm"))?,
+            ffn: FeedForward::load(
+                cfg.d_model,
+                cfg.decoder_ffn_dim,
+                act,
+                cfg.activation_dropout,
+                vb.clone(),
+            )?,
+            final_layer_norm: LayerNorm::load(cfg.d_model, vb.pp("final_layer_norm"))?,
+            dropout: cfg.dropout,
+            pre_ln: cfg.pre_layer_norm(),
+        })
+    }
+
+    /// Self-attention sub-block; returns the output and the layer's updated self keys/values.
+    fn self_block(
+        &self,
+        x: &Tensor,
+        past: Option<&KeyValues>,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<(Tensor, KeyValues)> {
+        let input = if self.pre_ln {
+            self.self_attn_layer_norm.forward(x, train)?
+        } else {
+            x.clone()
+        };
+        let new_kv = self.self_attn.key_values(&input)?;
+        let kv = match past {
+            Some(p) => p.append(&new_kv)?,
+            None => new_kv,
+        };
+        let h = self.self_attn.attend(&input, &kv, mask, train)?;
+        let x = (x + dropout(&h, self.dropout, train)?)?;
+        let x = if self.pre_ln {
+            x
+        } else {
+            self.self_attn_layer_norm.forward(&x, train)?
+        };
+        Ok((x, kv))
+    }
+
+    fn cross_and_ffn(
+        &self,
+        x: &Tensor,
+        cross_kv: &KeyValues,
+        encoder_mask: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let x = if self.pre_ln {
+            let h = self.encoder_attn_layer_norm.forward(x, train)?;
+            let h = self.encoder_attn.attend(&h, cross_kv, encoder_mask, train)?;
+            let x = (x + dropout(&h, self.dropout, train)?)?;
+            let h = self.ffn.forward(&self.final_layer_norm.forward(&x, train)?, train)?;
+            return x + dropout(&h, self.dropout, train)?;
+        } else {
+            let h = self.encoder_attn.attend(x, cross_kv, encoder_mask, train)?;
+            self.encoder_attn_layer_norm
+                .forward(&(x + dropout(&h, self.dropout, train)?)?, train)?
+        };
+        let h = self.ffn.forward(&x, train)?;
+        self.final_layer_norm
+            .forward(&(x + dropout(&h, self.dropout, train)?)?, train)
+    }
+}
+
+/// Incremental-decoding state for a batch: the encoder's padding mask and, per decoder layer,
+/// the self-attention keys/values so far and the cross-attention keys/values (computed once).
+#[derive(Debug, Clone)]
+pub struct DecoderCache {
+    encoder_mask: Option<Tensor>,
+    layers: Vec<LayerCache>,
+    past: usize,
+}
+
+impl DecoderCache {
+    /// Decoder positions already processed.
+    pub fn past_len(&self) -> usize {
+        self.past
+    }
+
+    /// Number of rows (sequences) in the cache.
+    pub fn batch_size(&self) -> Result<usize> {
+        Ok(self.layers[0].cross_kv.keys.dim(0)?)
+    }
+
+    /// Keeps, in order, the self-attention history of the given rows (beam search reordering).
+    ///
+    /// Cross-attention keys/values are not reordered: beam search only moves hypotheses between
+    /// beams of the same input, whose encoder outputs are identical.
+    pub fn reorder(&mut self, rows: &[u32]) -> Result<()> {
+        let idx = Tensor::new(rows, self.layers[0].cross_kv.keys.device())?;
+        for layer in &mut self.layers {
+            if let Some(kv) = &layer.self_kv {
+                layer.self_kv = Some(kv.select_rows(&idx)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The encoder stack.
+#[derive(Debug, Clone)]
+struct Encoder {
+    embeddings: Embeddings,
+    layers: Vec<EncoderLayer>,
+    final_norm: Option<LayerNorm>,
+    dropout: f64,
+}
+
+/// The decoder stack.
+#[derive(Debug, Clone)]
+struct Decoder {
+    embeddings: Embeddings,
+    layers: Vec<DecoderLayer>,
+    final_norm: Option<LayerNorm>,
+    dropout: f64,
+}
+
+/// BART with its language-modelling head.
+#[derive(Debug, Clone)]
+pub struct Bart {
+    config: BartConfig,
+    encoder: Encoder,
+    decoder: Decoder,
+    lm_head: Tensor,
+    final_logits_bias: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl Bart {
+    /// Builds the model from tensors named as transformers names them (see the module docs).
+    pub fn load(config: &BartConfig, vb: VarBuilder) -> Result<Self> {
+        Self::load_inner(config, vb).map_err(|e| Error::Weights(e.to_string()))
+    }
+
+    fn load_inner(cfg: &BartConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: cfg.init_std,
+        };
+        let shared = vb.get_with_hints((cfg.vocab_size, cfg.d_model), "model.shared.weight", init)?;
+        let enc_vb = vb.pp("model.encoder");
+        let dec_vb = vb.pp("model.decoder");
+        let final_norm = |vb: &VarBuilder| -> candle_core::Result<Option<LayerNorm>> {
+            if cfg.final_layer_norm() {
+                Ok(Some(LayerNorm::load(cfg.d_model, vb.pp("layer_norm"))?))
+            } else {
+                Ok(None)
+            }
+        };
+        let encoder = Encoder {
+            embeddings: Embeddings::load(cfg, &shared, &enc_vb)?,
+            layers: (0..cfg.encoder_layers)
+                .map(|i| EncoderLayer::load(cfg, enc_vb.pp(format!("layers.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
+            final_norm: final_norm(&enc_vb)?,
+            dropout: cfg.dropout,
+        };
+        let decoder = Decoder {
+            embeddings: Embeddings::load(cfg, &shared, &dec_vb)?,
+            layers: (0..cfg.decoder_layers)
+                .map(|i| DecoderLayer::load(cfg, dec_vb.pp(format!("layers.{i}"))))
+                .collect::<candle_core::Result<_>>()?,
+            final_norm: final_norm(&dec_vb)?,
+            dropout: cfg.dropout,
+        };
+        let lm_head = if cfg.tie_word_embeddings {
+            shared.clone()
+        } else {
+            vb.get_with_hints((cfg.vocab_size, cfg.d_model), "lm_head.weight", init)?
+        };
+        let final_logits_bias =
+            vb.get_with_hints((1, cfg.vocab_size), "final_logits_bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self {
+            config: cfg.clone(),
+            encoder,
+            decoder,
+            lm_head,
+            final_logits_bias,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &BartConfig {
+        &self.config
+    }
+
+    /// The dtype of the weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs the encoder on `input_ids` `(batch, len)` with an optional 0/1 `attention_mask`
+    /// `(batch, len)`; returns hidden states `(batch, len, d_model)`.
+    pub fn encode(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let mask = attention_mask
+            .map(|m| additive_padding_mask(m, self.dtype))
+            .transpose()?;
+        let mut x = self.encoder.embeddings.forward(input_ids, 0, train)?;
+        x = dropout(&x, self.encoder.dropout, train)?;
+        for layer in &self.encoder.layers {
+            x = layer.forward(&x, mask.as_ref(), train)?;
+        }
+        if let Some(ln) = &self.encoder.final_norm {
+            x = ln.forward(&x, train)?;
+        }
+        Ok(x)
+    }
+
+    /// Teacher-forced decoder pass over whole sequences (training, validation, scoring).
+    ///
+    /// `decoder_attention_mask` `(batch, tgt)` masks padded decoder positions as keys, in addition
+    /// to the causal mask. Returns logits `(batch, tgt, vocab)`.
+    pub fn decode(
+        &self,
+        decoder_input_ids: &Tensor,
+        encoder_hidden: &Tensor,
+        encoder_mask: Option<&Tensor>,
+        decoder_attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = decoder_input_ids.dims2()?;
+        let enc_mask = encoder_mask
+            .map(|m| additive_padding_mask(m, self.dtype))
+            .transpose()?;
+        let self_mask =
+            additive_causal_mask(b, t, 0, decoder_attention_mask, self.dtype, &self.device)?;
+        let mut x = self.decoder.embeddings.forward(decoder_input_ids, 0, train)?;
+        x = dropout(&x, self.decoder.dropout, train)?;
+        for layer in &self.decoder.layers {
+            let (h, _) = layer.self_block(&x, None, Some(&self_mask), train)?;
+            let cross_kv = layer.encoder_attn.key_values(encoder_hidden)?;
+            x = layer.cross_and_ffn(&h, &cross_kv, enc_mask.as_ref(), train)?;
+        }
+        if let Some(ln) = &self.decoder.final_norm {
+            x = ln.forward(&x, train)?;
+        }
+        self.lm_logits(&x)
+    }
+
+    /// Full forward pass: encoder then teacher-forced decoder. Returns logits `(batch, tgt, vocab)`.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        decoder_input_ids: &Tensor,
+        decoder_attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let enc = self.encode(input_ids, attention_mask, train)?;
+        self.decode(decoder_input_ids, &enc, attention_mask, decoder_attention_mask, train)
+    }
+
+    /// Prepares incremental decoding: computes every layer's cross-attention keys/values once.
+    pub fn start_decoding(
+        &self,
+        encoder_hidden: &Tensor,
+        encoder_mask: Option<&Tensor>,
+    ) -> Result<DecoderCache> {
+        let layers = self
+            .decoder
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerCache {
+                    self_kv: None,
+                    cross_kv: l.encoder_attn.key_values(encoder_hidden)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let encoder_mask = encoder_mask
+            .map(|m| additive_padding_mask(m, self.dtype))
+            .transpose()?;
+        Ok(DecoderCache {
+            encoder_mask,
+            layers,
+            past: 0,
+        })
+    }
+
+    /// Decodes the next `(batch, new)` tokens given the cache, appending their keys/values.
+    /// Returns logits `(batch, new, vocab)`.
+    pub fn decode_step(&self, ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.past;
+        let self_mask = if t > 1 {
+            Some(additive_causal_mask(b, t, past, None, self.dtype, &self.device)?)
+        } else {
+            None // a single new position may attend to every earlier one
+        };
+        let mut x = self.decoder.embeddings.forward(ids, past, false)?;
+        for (layer, lc) in self.decoder.layers.iter().zip(cache.layers.iter_mut()) {
+            let (h, kv) = layer.self_block(&x, lc.self_kv.as_ref(), self_mask.as_ref(), false)?;
+            lc.self_kv = Some(kv);
+            x = layer.cross_and_ffn(&h, &lc.cross_kv, cache.encoder_mask.as_ref(), false)?;
+        }
+        if let Some(ln) = &self.decoder.final_norm {
+            x = ln.forward(&x, false)?;
+        }
+        cache.past += t;
+        self.lm_logits(&x)
+    }
+
+    fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = hidden.dims3()?;
+        let logits = hidden
+            .reshape((b * t, d))?
+            .matmul(&self.lm_head.t()?)?
+            .broadcast_add(&self.final_logits_bias)?;
+        Ok(logits.reshape((b, t, ()))?)
+    }
+}

@@ -1,0 +1,260 @@
+//! Building blocks of the BART model: linear and norm layers, activations, masks and attention.
+//!
+//! Each op has a fused inference path and a differentiable path (chosen by `train`): candle's
+//! fused layer-norm and softmax kernels have no backward pass, so training uses composed ops.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::Activation;
+
+/// Layer-norm epsilon used by every BART layer norm (PyTorch's default).
+pub const LAYER_NORM_EPS: f64 = 1e-5;
+
+/// Loads a linear layer (`weight` of shape `(out, in)` and `bias`).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    candle_nn::linear(in_dim, out_dim, vb)
+}
+
+/// A LayerNorm with weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` of size `dim`.
+    pub fn load(dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias })
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if train || !x.is_contiguous() {
+            candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, LAYER_NORM_EPS as f32)
+        } else {
+            candle_nn::ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS as f32)
+        }
+    }
+}
+
+/// Applies an activation function.
+pub fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Gelu => x.gelu_erf(),
+        Activation::GeluNew => x.gelu(),
+        Activation::Relu => x.relu(),
+        Activation::Silu => x.silu(),
+        Activation::Tanh => x.tanh(),
+    }
+}
+
+/// Dropout that is active only in training mode.
+pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
+    if train && p > 0.0 {
+        candle_nn::ops::dropout(x, p as f32)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// Softmax over the last dimension.
+pub fn softmax_last(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    if train || !x.is_contiguous() {
+        candle_nn::ops::softmax(x, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// The most negative finite value of `dtype`, used to mask attention scores
+/// (transformers uses `torch.finfo(dtype).min`).
+pub fn mask_value(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => half::f16::MIN.to_f64(),
+        DType::BF16 => half::bf16::MIN.to_f64(),
+        DType::F64 => f64::MIN,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// Turns a `(batch, keys)` 0/1 padding mask (any dtype) into an additive mask of shape
+/// `(batch, 1, 1, keys)`: 0 where attended, the dtype's minimum where masked.
+pub fn additive_padding_mask(mask: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    let (b, s) = mask.dims2()?;
+    let keep = mask.to_dtype(DType::F32)?.ne(0f32)?; // u8
+    let zeros = Tensor::zeros((b, s), dtype, mask.device())?;
+    let neg = Tensor::full(mask_value(dtype), (b, s), mask.device())?.to_dtype(dtype)?;
+    keep.where_cond(&zeros, &neg)?.reshape((b, 1, 1, s))
+}
+
+/// Additive causal mask of shape `(batch, 1, tgt, past + tgt)` for decoder self-attention,
+/// combined with an optional `(batch, past + tgt)` 0/1 padding mask of the decoder keys.
+pub fn additive_causal_mask(
+    batch: usize,
+    tgt: usize,
+    past: usize,
+    padding: Option<&Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let keys = past + tgt;
+    let mut keep = vec![0u8; batch * tgt * keys];
+    let pad: Option<Vec<Vec<f32>>> = match padding {
+        Some(p) => Some(p.to_dtype(DType::F32)?.to_vec2()?),
+        None => None,
+    };
+    for b in 0..batch {
+        for i in 0..tgt {
+            for j in 0..=(past + i) {
+                let visible = pad.as_ref().map(|p| p[b][j] != 0.0).unwrap_or(true);
+                keep[(b * tgt + i) * keys + j] = visible as u8;
+            }
+        }
+    }
+    let keep = Tensor::from_vec(keep, (batch, 1, tgt, keys), device)?;
+    let zeros = Tensor::zeros((batch, 1, tgt, keys), dtype, device)?;
+    let neg = Tensor::full(mask_value(dtype), (batch, 1, tgt, keys), device)?.to_dtype(dtype)?;
+    keep.where_cond(&zeros, &neg)
+}
+
+/// Keys and values of one attention layer, shaped `(batch, heads, keys, head_dim)`.
+#[derive(Debug, Clone)]
+pub struct KeyValues {
+    /// Keys.
+    pub keys: Tensor,
+    /// Values.
+    pub values: Tensor,
+}
+
+impl KeyValues {
+    /// Number of key positions.
+    pub fn len(&self) -> usize {
+        self.keys.dim(2).unwrap_or(0)
+    }
+
+    /// Whether there are no key positions.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends new positions (self-attention cache update).
+    pub fn append(&self, new: &KeyValues) -> candle_core::Result<KeyValues> {
+        Ok(KeyValues {
+            keys: Tensor::cat(&[&self.keys, &new.keys], 2)?,
+            values: Tensor::cat(&[&self.values, &new.values], 2)?,
+        })
+    }
+
+    /// Selects rows of the batch (beam reordering).
+    pub fn select_rows(&self, rows: &Tensor) -> candle_core::Result<KeyValues> {
+        Ok(KeyValues {
+            keys: self.keys.index_select(rows, 0)?,
+            values: self.values.index_select(rows, 0)?,
+        })
+    }
+}
+
+/// Multi-head attention as in transformers' `BartAttention`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+    scaling: f64,
+    dropout: f64,
+}
+
+impl Attention {
+    /// Loads `q_proj`, `k_proj`, `v_proj`, `out_proj` under `vb`.
+    pub fn load(dim: usize, heads: usize, dropout: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Self {
+            q_proj: linear(dim, dim, vb.pp("q_proj"))?,
+            k_proj: linear(dim, dim, vb.pp("k_proj"))?,
+            v_proj: linear(dim, dim, vb.pp("v_proj"))?,
+            out_proj: linear(dim, dim, vb.pp("out_proj"))?,
+            heads,
+            head_dim,
+            scaling: (head_dim as f64).powf(-0.5),
+            dropout,
+        })
+    }
+
+    fn split_heads(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        x.reshape((b, t, self.heads, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// Projects `x` `(batch, len, dim)` to keys and values.
+    pub fn key_values(&self, x: &Tensor) -> candle_core::Result<KeyValues> {
+        Ok(KeyValues {
+            keys: self.split_heads(&self.k_proj.forward(x)?)?,
+            values: self.split_heads(&self.v_proj.forward(x)?)?,
+        })
+    }
+
+    /// Attends from `x` `(batch, tgt, dim)` to `kv`, with an optional additive mask
+    /// broadcastable to `(batch, heads, tgt, keys)`.
+    pub fn attend(
+        &self,
+        x: &Tensor,
+        kv: &KeyValues,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, dim) = x.dims3()?;
+        let q = self.split_heads(&(self.q_proj.forward(x)? * self.scaling)?)?;
+        let mut scores = q.matmul(&kv.keys.t()?)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = softmax_last(&scores, train)?;
+        let probs = dropout(&probs, self.dropout, train)?;
+        let out = probs.matmul(&kv.values)?; // (b, h, t, d)
+        let out = out.transpose(1, 2)?.reshape((b, t, dim))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+/// The position-wise feed-forward block `fc2(dropout(act(fc1(x))))`.
+#[derive(Debug, Clone)]
+pub struct FeedForward {
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+    activation_dropout: f64,
+}
+
+impl FeedForward {
+    /// Loads `fc1` and `fc2` from `vb` (they sit directly in the layer in BART's naming).
+    pub fn load(
+        dim: usize,
+        ffn_dim: usize,
+        activation: Activation,
+        activation_dropout: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            fc1: linear(dim, ffn_dim, vb.pp("fc1"))?,
+            fc2: linear(ffn_dim, dim, vb.pp("fc2"))?,
+            activation,
+            activation_dropout,
+        })
+    }
+
+    /// Applies the block.
+    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let h = activate(&self.fc1.forward(x)?, self.activation)?;
+        let h = dropout(&h, self.activation_dropout, train)?;
+        self.fc2.forward(&h)
+    }
+}

@@ -1,0 +1,6 @@
+//! The BART network on candle.
+
+mod bart;
+pub mod layers;
+
+pub use bart::{Bart, DecoderCache};

@@ -1,0 +1,158 @@
+//! A loaded keyword model — config, tokenizer, weights, generation defaults — and the batched
+//! query → keywords path every binary uses.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use crate::config::BartConfig;
+use crate::error::{Error, Result};
+use crate::generation::{generate, GenerationConfig};
+use crate::keywords::split_keywords;
+use crate::model::Bart;
+use crate::source::ModelSource;
+use crate::tokenizer::KoTokenizer;
+use crate::weights::{load_checked, LoadReport, WeightFiles};
+
+/// Parses a dtype name as the command-line tools accept it.
+pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "fp32" => Ok(DType::F32),
+        "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => Err(format!("unsupported dtype `{other}` (use f32, f16 or bf16)")),
+    }
+}
+
+/// Picks a device: `cpu`, `cuda` or `cuda:N` (the latter need the `cuda` feature).
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(|n| {
+                    n.parse::<usize>()
+                        .map_err(|_| Error::Invalid(format!("bad device `{s}`: expected cuda:N")))
+                })
+                .transpose()?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::Invalid(format!(
+                    "device `{s}` needs a build with CUDA: rebuild with `cargo build --release --features cuda`"
+                )));
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        _ => Err(Error::Invalid(format!(
+            "unknown device `{s}` (use cpu, cuda or cuda:N)"
+        ))),
+    }
+}
+
+/// One query's result.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Extraction {
+    /// The query as given.
+    pub query: String,
+    /// Keywords in the model's order, deduplicated.
+    pub keywords: Vec<String>,
+    /// The generated text (special tokens skipped).
+    pub text: String,
+    /// Generated token ids, without the decoder start token.
+    pub ids: Vec<u32>,
+}
+
+/// A model ready to extract keywords.
+#[derive(Debug, Clone)]
+pub struct KeywordModel {
+    /// Network hyper-parameters.
+    pub config: BartConfig,
+    /// Generation defaults from the folder.
+    pub generation: GenerationConfig,
+    /// Tokenizer.
+    pub tokenizer: KoTokenizer,
+    /// The network.
+    pub model: Bart,
+    /// What loading had to fill in or ignore.
+    pub report: LoadReport,
+    /// The resolved model folder.
+    pub dir: PathBuf,
+}
+
+impl KeywordModel {
+    /// Resolves `spec` (folder or hub id) and loads everything from it.
+    pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let dir = ModelSource::parse(spec).resolve()?;
+        Self::load_dir(&dir, dtype, device)
+    }
+
+    /// Loads a model folder.
+    pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = BartConfig::from_file(&dir.join("config.json"))?;
+        let generation = GenerationConfig::from_model_dir(dir, &config)?;
+        let tokenizer = KoTokenizer::from_model_dir(dir, &config)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(Error::Tokenizer(format!(
+                "{}: the tokenizer has {} tokens but config.json's vocab_size is {}",
+                dir.join("tokenizer.json").display(),
+                tokenizer.vocab_size(),
+                config.vocab_size
+            )));
+        }
+        let files = WeightFiles::find(dir)?;
+        let (tensors, report) = load_checked(&files, &config, dtype, device)?;
+        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        let model = Bart::load(&config, vb)?;
+        Ok(Self {
+            config,
+            generation,
+            tokenizer,
+            model,
+            report,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Encodes queries, truncating each to `max_input_tokens` (and to the model's positions).
+    pub fn encode_queries(&self, queries: &[&str], max_input_tokens: Option<usize>) -> Result<Vec<Vec<u32>>> {
+        let limit = max_input_tokens
+            .unwrap_or(usize::MAX)
+            .min(self.config.max_position_embeddings);
+        let mut rows = self.tokenizer.encode_batch(queries)?;
+        for (row, q) in rows.iter_mut().zip(queries) {
+            if row.is_empty() {
+                return Err(Error::Invalid(format!(
+                    "query {q:?} has no tokens after tokenization"
+                )));
+            }
+            row.truncate(limit);
+        }
+        Ok(rows)
+    }
+
+    /// Extracts keywords for `queries` in one batch with `generation` settings.
+    pub fn extract(
+        &self,
+        queries: &[&str],
+        generation: &GenerationConfig,
+        max_input_tokens: Option<usize>,
+    ) -> Result<Vec<Extraction>> {
+        let inputs = self.encode_queries(queries, max_input_tokens)?;
+        let outputs = generate(&self.model, &inputs, generation)?;
+        queries
+            .iter()
+            .zip(outputs)
+            .map(|(q, out)| {
+                let text = self.tokenizer.decode(&out.ids)?;
+                Ok(Extraction {
+                    query: q.to_string(),
+                    keywords: split_keywords(&text),
+                    text,
+                    ids: out.ids,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,308 @@
+//! Reading model weights from a Hugging Face model folder.
+//!
+//! Accepts `model.safetensors`, a sharded `model.safetensors.index.json`, `pytorch_model.bin`
+//! (what the hub's `gogamza/kobart-base-v1` ships) and a sharded `pytorch_model.bin.index.json`.
+//! Tensor names are canonicalised to transformers' `BartForConditionalGeneration` names (names
+//! saved from a bare `BartModel` lack the `model.` prefix), tied embeddings missing from the file
+//! are recovered from their twins as transformers does, and every expected tensor is checked for
+//! presence and shape before the model is built.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::BartConfig;
+use crate::error::{Error, Result};
+
+/// The on-disk weight layouts we read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// `model.safetensors`.
+    Safetensors,
+    /// `model.safetensors.index.json` and its shards.
+    ShardedSafetensors,
+    /// `pytorch_model.bin` (PyTorch zip pickle).
+    PytorchBin,
+    /// `pytorch_model.bin.index.json` and its shards.
+    ShardedPytorchBin,
+}
+
+/// The weight files of a model folder, in the order transformers prefers them.
+#[derive(Debug, Clone)]
+pub struct WeightFiles {
+    /// Layout.
+    pub format: WeightFormat,
+    /// Files to read (one, or the shards).
+    pub files: Vec<PathBuf>,
+}
+
+/// File names that may hold weights, most preferred first.
+pub const WEIGHT_FILE_NAMES: [&str; 4] = [
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+];
+
+impl WeightFiles {
+    /// Finds the weights in `dir`.
+    pub fn find(dir: &Path) -> Result<Self> {
+        let formats = [
+            WeightFormat::Safetensors,
+            WeightFormat::ShardedSafetensors,
+            WeightFormat::PytorchBin,
+            WeightFormat::ShardedPytorchBin,
+        ];
+        for (name, format) in WEIGHT_FILE_NAMES.iter().zip(formats) {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            let files = match format {
+                WeightFormat::Safetensors | WeightFormat::PytorchBin => vec![path],
+                _ => shard_files(&path)?,
+            };
+            return Ok(Self { format, files });
+        }
+        Err(Error::Weights(format!(
+            "no weights in {}: expected one of {}",
+            dir.display(),
+            WEIGHT_FILE_NAMES.join(", ")
+        )))
+    }
+}
+
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let parsed: Index = serde_json::from_str(&text).map_err(|e| {
+        Error::Weights(format!("{}: not a valid weight index: {e}", index.display()))
+    })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::Weights(format!(
+                "{} names shard {}, which does not exist",
+                index.display(),
+                f.display()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+/// What loading found besides the expected tensors.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Tensors absent from the files and filled in the way transformers fills them
+    /// (tied embeddings from their twin, `final_logits_bias` with zeros).
+    pub filled: Vec<String>,
+    /// Tensors in the files that the model does not use (transformers warns about these too).
+    pub unexpected: Vec<String>,
+}
+
+impl LoadReport {
+    /// A one-paragraph human summary (empty when there is nothing to say).
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.filled.is_empty() {
+            parts.push(format!("filled as transformers does: {}", self.filled.join(", ")));
+        }
+        if !self.unexpected.is_empty() {
+            parts.push(format!("unused tensors in the checkpoint: {}", self.unexpected.join(", ")));
+        }
+        parts.join("; ")
+    }
+}
+
+/// Every tensor `BartForConditionalGeneration` needs for `cfg`, with its shape, named as in the
+/// `model.safetensors` transformers writes (tied copies omitted, `lm_head.weight` only when untied).
+pub fn expected_tensors(cfg: &BartConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.d_model;
+    let mut out: Vec<(String, Vec<usize>)> = vec![
+        ("model.shared.weight".into(), vec![cfg.vocab_size, d]),
+        ("final_logits_bias".into(), vec![1, cfg.vocab_size]),
+    ];
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".into(), vec![cfg.vocab_size, d]));
+    }
+    let norm = |out: &mut Vec<(String, Vec<usize>)>, name: String| {
+        out.push((format!("{name}.weight"), vec![d]));
+        out.push((format!("{name}.bias"), vec![d]));
+    };
+    let lin = |out: &mut Vec<(String, Vec<usize>)>, name: String, o: usize, i: usize| {
+        out.push((format!("{name}.weight"), vec![o, i]));
+        out.push((format!("{name}.bias"), vec![o]));
+    };
+    for (stack, layers, ffn) in [
+        ("encoder", cfg.encoder_layers, cfg.encoder_ffn_dim),
+        ("decoder", cfg.decoder_layers, cfg.decoder_ffn_dim),
+    ] {
+        let p = format!("model.{stack}");
+        out.push((
+            format!("{p}.embed_positions.weight"),
+            vec![cfg.position_table_rows(), d],
+        ));
+        if cfg.normalize_embedding {
+            norm(&mut out, format!("{p}.layernorm_embedding"));
+        }
+        for i in 0..layers {
+            let l = format!("{p}.layers.{i}");
+            let mut attn = vec!["self_attn"];
+            if stack == "decoder" {
+                attn.push("encoder_attn");
+            }
+            for a in attn {
+                for proj in ["k_proj", "v_proj", "q_proj", "out_proj"] {
+                    lin(&mut out, format!("{l}.{a}.{proj}"), d, d);
+                }
+                norm(&mut out, format!("{l}.{a}_layer_norm"));
+            }
+            lin(&mut out, format!("{l}.fc1"), ffn, d);
+            lin(&mut out, format!("{l}.fc2"), d, ffn);
+            norm(&mut out, format!("{l}.final_layer_norm"));
+        }
+        if cfg.final_layer_norm() {
+            norm(&mut out, format!("{p}.layer_norm"));
+        }
+    }
+    out
+}
+
+/// Maps a checkpoint tensor name to transformers' `BartForConditionalGeneration` name.
+pub fn canonical_name(name: &str) -> String {
+    if name.starts_with("model.") || name == "final_logits_bias" || name.starts_with("lm_head.") {
+        name.to_string()
+    } else {
+        format!("model.{name}")
+    }
+}
+
+/// Reads every tensor of the weight files (on the CPU, in their stored dtype).
+pub fn read_tensors(files: &WeightFiles) -> Result<Vec<(String, Tensor)>> {
+    let mut all = Vec::new();
+    for file in &files.files {
+        let is_safetensors = file
+            .extension()
+            .map(|e| e == "safetensors")
+            .unwrap_or(false);
+        let tensors = if is_safetensors {
+            candle_core::safetensors::load(file, &Device::Cpu)
+                .map(|m| m.into_iter().collect::<Vec<_>>())
+        } else {
+            candle_core::pickle::read_all(file)
+        }
+        .map_err(|e| Error::Weights(format!("{}: cannot read weights: {e}", file.display())))?;
+        all.extend(tensors);
+    }
+    Ok(all)
+}
+
+/// Reads, canonicalises and checks the weights for `cfg`, converting them to `dtype` on `device`.
+///
+/// Errors name every missing tensor and any tensor with a wrong shape.
+pub fn load_checked(
+    files: &WeightFiles,
+    cfg: &BartConfig,
+    dtype: DType,
+    device: &Device,
+) -> Result<(HashMap<String, Tensor>, LoadReport)> {
+    let raw = read_tensors(files)?;
+    let source = files
+        .files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    check_tensors(raw, cfg, dtype, device, &source)
+}
+
+/// Canonicalises and checks already-read tensors (see [`load_checked`]); `source` names the
+/// checkpoint in error messages.
+pub fn check_tensors(
+    raw: Vec<(String, Tensor)>,
+    cfg: &BartConfig,
+    dtype: DType,
+    device: &Device,
+    source: &str,
+) -> Result<(HashMap<String, Tensor>, LoadReport)> {
+    let mut found: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in raw {
+        found.insert(canonical_name(&name), t);
+    }
+    let mut report = LoadReport::default();
+
+    // Tied embeddings: transformers ties encoder/decoder embed_tokens (and lm_head when
+    // tie_word_embeddings) to model.shared, whichever of them the file holds.
+    let mut twins = vec![
+        "model.encoder.embed_tokens.weight",
+        "model.decoder.embed_tokens.weight",
+    ];
+    if cfg.tie_word_embeddings {
+        twins.push("lm_head.weight");
+    }
+    if !found.contains_key("model.shared.weight") {
+        if let Some(twin) = twins.iter().find(|t| found.contains_key(**t)) {
+            let t = found[*twin].clone();
+            found.insert("model.shared.weight".into(), t);
+            report.filled.push(format!("model.shared.weight (from {twin})"));
+        }
+    }
+    for twin in &twins {
+        found.remove(*twin);
+    }
+    if !found.contains_key("final_logits_bias") {
+        found.insert(
+            "final_logits_bias".into(),
+            Tensor::zeros((1, cfg.vocab_size), DType::F32, &Device::Cpu)?,
+        );
+        report.filled.push("final_logits_bias (zeros)".into());
+    }
+
+    let expected = expected_tensors(cfg);
+    let mut missing = Vec::new();
+    let mut wrong = Vec::new();
+    let mut out = HashMap::new();
+    for (name, shape) in &expected {
+        match found.remove(name) {
+            None => missing.push(name.clone()),
+            Some(t) if t.dims() != shape.as_slice() => wrong.push(format!(
+                "{name}: expected shape {shape:?}, found {:?}",
+                t.dims()
+            )),
+            Some(t) => {
+                let t = t.to_dtype(dtype)?.to_device(device)?;
+                out.insert(name.clone(), t);
+            }
+        }
+    }
+    if !wrong.is_empty() {
+        return Err(Error::Weights(format!(
+            "{source}: tensors do not match config.json: {}",
+            wrong.join("; ")
+        )));
+    }
+    if !missing.is_empty() {
+        let shown: Vec<_> = missing.iter().take(8).cloned().collect();
+        let more = if missing.len() > shown.len() {
+            format!(" and {} more", missing.len() - shown.len())
+        } else {
+            String::new()
+        };
+        return Err(Error::Weights(format!(
+            "{source}: missing tensor(s) {}{more}",
+            shown.join(", ")
+        )));
+    }
+    let mut unexpected: Vec<String> = found.into_keys().collect();
+    unexpected.sort();
+    report.unexpected = unexpected;
+    Ok((out, report))
+}
