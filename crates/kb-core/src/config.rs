@@ -273,7 +273,8 @@ impl BartConfig {
                 ));
             }
         }
-        self.activation().map_err(|m| bad("activation_function", m))?;
+        self.activation()
+            .map_err(|m| bad("activation_function", m))?;
         for (field, v) in [
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
@@ -291,7 +292,7 @@ impl BartConfig {
             ("encoder_attention_heads", self.encoder_attention_heads),
             ("decoder_attention_heads", self.decoder_attention_heads),
         ] {
-            if self.d_model % heads != 0 {
+            if !self.d_model.is_multiple_of(heads) {
                 return Err(bad(
                     field,
                     format!("d_model {} is not divisible by {heads} heads", self.d_model),
@@ -313,7 +314,10 @@ impl BartConfig {
             } else {
                 "decoder_layerdrop"
             };
-            return Err(bad(field, "LayerDrop is not supported; set it to 0.0".into()));
+            return Err(bad(
+                field,
+                "LayerDrop is not supported; set it to 0.0".into(),
+            ));
         }
         if self.extra_pos_embeddings != 2 {
             return Err(bad(
@@ -353,13 +357,19 @@ impl BartConfig {
         for (field, id) in ids {
             if let Some(id) = id {
                 if id >= vocab {
-                    return Err(bad(field, format!("id {id} is outside the vocabulary of {vocab}")));
+                    return Err(bad(
+                        field,
+                        format!("id {id} is outside the vocabulary of {vocab}"),
+                    ));
                 }
             }
         }
         for id in self.eos_ids() {
             if id >= vocab {
-                return Err(bad("eos_token_id", format!("id {id} is outside the vocabulary of {vocab}")));
+                return Err(bad(
+                    "eos_token_id",
+                    format!("id {id} is outside the vocabulary of {vocab}"),
+                ));
             }
         }
         if self.decoder_start_token_id.is_none() {
@@ -403,7 +413,10 @@ impl BartConfig {
 
     /// End-of-sequence ids (possibly several).
     pub fn eos_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// The decoder start token (validated to exist).
@@ -413,11 +426,12 @@ impl BartConfig {
 
     /// The forced first token, honouring the legacy `force_bos_token_to_be_generated`.
     pub fn forced_bos(&self) -> Option<u32> {
-        self.forced_bos_token_id.or(if self.force_bos_token_to_be_generated {
-            self.bos_token_id
-        } else {
-            None
-        })
+        self.forced_bos_token_id
+            .or(if self.force_bos_token_to_be_generated {
+                self.bos_token_id
+            } else {
+                None
+            })
     }
 
     /// Rows of the learned position tables (`max_position_embeddings + 2`).
@@ -425,8 +439,9 @@ impl BartConfig {
         self.max_position_embeddings + self.extra_pos_embeddings
     }
 
-    /// The configuration of KoBART-v1 (`gogamza/kobart-base-v1`).
-    pub fn kobart_base_v1() -> Self {
+    /// A configuration with KoBART-v1's shapes and special token ids (`gogamza/kobart-base-v1`:
+    /// 30000 tokens, 768 wide, 6+6 layers, 16 heads, 3072 FFN) for benchmarks and tests.
+    pub fn kobart_v1_shapes() -> Self {
         let json = r#"{
             "model_type": "bart", "vocab_size": 30000, "max_position_embeddings": 1026,
             "d_model": 768, "encoder_layers": 6, "decoder_layers": 6,
@@ -479,7 +494,9 @@ mod tests {
 
     #[test]
     fn unsupported_activation_names_the_field() {
-        let err = parse(r#"{"activation_function": "mish"}"#).unwrap_err().to_string();
+        let err = parse(r#"{"activation_function": "mish"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("activation_function"), "{err}");
         assert!(err.contains("mish"), "{err}");
     }
@@ -488,7 +505,10 @@ mod tests {
     fn wrong_type_names_the_field() {
         let err = parse(r#"{"d_model": "wide"}"#).unwrap_err().to_string();
         assert!(err.contains("config.json"), "{err}");
-        assert!(err.contains("d_model") || err.contains("invalid type"), "{err}");
+        assert!(
+            err.contains("d_model") || err.contains("invalid type"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -507,7 +527,9 @@ mod tests {
 
     #[test]
     fn heads_must_divide_width() {
-        let err = parse(r#"{"d_model": 100, "encoder_attention_heads": 16}"#).unwrap_err().to_string();
+        let err = parse(r#"{"d_model": 100, "encoder_attention_heads": 16}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("encoder_attention_heads"), "{err}");
     }
 }

@@ -21,7 +21,9 @@ pub fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
         "f32" | "float32" | "fp32" => Ok(DType::F32),
         "f16" | "float16" | "fp16" | "half" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(format!("unsupported dtype `{other}` (use f32, f16 or bf16)")),
+        other => Err(format!(
+            "unsupported dtype `{other}` (use f32, f16 or bf16)"
+        )),
     }
 }
 
@@ -116,7 +118,11 @@ impl KeywordModel {
     }
 
     /// Encodes queries, truncating each to `max_input_tokens` (and to the model's positions).
-    pub fn encode_queries(&self, queries: &[&str], max_input_tokens: Option<usize>) -> Result<Vec<Vec<u32>>> {
+    pub fn encode_queries(
+        &self,
+        queries: &[&str],
+        max_input_tokens: Option<usize>,
+    ) -> Result<Vec<Vec<u32>>> {
         let limit = max_input_tokens
             .unwrap_or(usize::MAX)
             .min(self.config.max_position_embeddings);

@@ -122,8 +122,11 @@ fn how_to_fix(repo: &str, cache: &Path) -> String {
 
 fn resolve_hub(repo: &str, revision: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
-    let hub_repo =
-        hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string());
+    let hub_repo = hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    );
     let cached = cache.repo(hub_repo.clone());
 
     // 1. Everything already in the cache: no network at all.
@@ -198,7 +201,11 @@ where
         .map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
     let mut shards: Vec<String> = v["weight_map"]
         .as_object()
-        .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|m| {
+            m.values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     shards.sort();
     shards.dedup();
@@ -253,13 +260,19 @@ mod tests {
             .resolve()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("config.json") && err.contains("tokenizer.json"), "{err}");
+        assert!(
+            err.contains("config.json") && err.contains("tokenizer.json"),
+            "{err}"
+        );
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
         std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
         let err = ModelSource::Local(dir.path().to_path_buf())
             .resolve()
             .unwrap_err()
             .to_string();
-        assert!(err.contains("no weights") && err.contains("pytorch_model.bin"), "{err}");
+        assert!(
+            err.contains("no weights") && err.contains("pytorch_model.bin"),
+            "{err}"
+        );
     }
 }

@@ -52,7 +52,10 @@ impl KoTokenizer {
                 field: "-".into(),
                 message: e.to_string(),
             })?;
-            if let Some(b) = v.get("clean_up_tokenization_spaces").and_then(|b| b.as_bool()) {
+            if let Some(b) = v
+                .get("clean_up_tokenization_spaces")
+                .and_then(|b| b.as_bool())
+            {
                 tok.clean_up_spaces = b;
             }
         }
@@ -90,7 +93,10 @@ impl KoTokenizer {
                 origin.display()
             )));
         }
-        let bos = cfg.bos_token_id.map(|id| check("bos_token_id", id)).transpose()?;
+        let bos = cfg
+            .bos_token_id
+            .map(|id| check("bos_token_id", id))
+            .transpose()?;
         let decoder_start = check("decoder_start_token_id", cfg.decoder_start())?;
         let unk = inner.token_to_id("<unk>");
         Ok(Self {

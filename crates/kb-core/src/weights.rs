@@ -80,7 +80,10 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
     }
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let parsed: Index = serde_json::from_str(&text).map_err(|e| {
-        Error::Weights(format!("{}: not a valid weight index: {e}", index.display()))
+        Error::Weights(format!(
+            "{}: not a valid weight index: {e}",
+            index.display()
+        ))
     })?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
@@ -113,10 +116,16 @@ impl LoadReport {
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();
         if !self.filled.is_empty() {
-            parts.push(format!("filled as transformers does: {}", self.filled.join(", ")));
+            parts.push(format!(
+                "filled as transformers does: {}",
+                self.filled.join(", ")
+            ));
         }
         if !self.unexpected.is_empty() {
-            parts.push(format!("unused tensors in the checkpoint: {}", self.unexpected.join(", ")));
+            parts.push(format!(
+                "unused tensors in the checkpoint: {}",
+                self.unexpected.join(", ")
+            ));
         }
         parts.join("; ")
     }
@@ -252,7 +261,9 @@ pub fn check_tensors(
         if let Some(twin) = twins.iter().find(|t| found.contains_key(**t)) {
             let t = found[*twin].clone();
             found.insert("model.shared.weight".into(), t);
-            report.filled.push(format!("model.shared.weight (from {twin})"));
+            report
+                .filled
+                .push(format!("model.shared.weight (from {twin})"));
         }
     }
     for twin in &twins {

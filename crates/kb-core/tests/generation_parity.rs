@@ -17,13 +17,21 @@ fn settings(model: &KeywordModel, case: &Value) -> kb_core::GenerationConfig {
     if let Some(v) = case.get("max_length") {
         g.max_length = v.as_u64().unwrap() as usize;
     }
-    g.max_new_tokens = case.get("max_new_tokens").map(|v| v.as_u64().unwrap() as usize);
-    g.min_length = case.get("min_length").map(|v| v.as_u64().unwrap() as usize).unwrap_or(0);
+    g.max_new_tokens = case
+        .get("max_new_tokens")
+        .map(|v| v.as_u64().unwrap() as usize);
+    g.min_length = case
+        .get("min_length")
+        .map(|v| v.as_u64().unwrap() as usize)
+        .unwrap_or(0);
     g.no_repeat_ngram_size = case
         .get("no_repeat_ngram_size")
         .map(|v| v.as_u64().unwrap() as usize)
         .unwrap_or(0);
-    g.length_penalty = case.get("length_penalty").map(|v| v.as_f64().unwrap()).unwrap_or(1.0);
+    g.length_penalty = case
+        .get("length_penalty")
+        .map(|v| v.as_f64().unwrap())
+        .unwrap_or(1.0);
     g.early_stopping = case
         .get("early_stopping")
         .map(|v| EarlyStopping::from_json(v).unwrap())
@@ -35,15 +43,27 @@ fn settings(model: &KeywordModel, case: &Value) -> kb_core::GenerationConfig {
 fn generations_match_transformers_exactly() {
     let model = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &Device::Cpu).unwrap();
     let golden: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("golden/generation.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden/generation.json")).unwrap())
+            .unwrap();
     let inputs: Vec<Vec<u32>> = golden["input_ids"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect())
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect()
+        })
         .collect();
     // The tokenizer must reproduce transformers' input ids too.
-    let queries: Vec<&str> = golden["queries"].as_array().unwrap().iter().map(|q| q.as_str().unwrap()).collect();
+    let queries: Vec<&str> = golden["queries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q.as_str().unwrap())
+        .collect();
     assert_eq!(model.encode_queries(&queries, None).unwrap(), inputs);
 
     let mut checked = 0;
@@ -51,10 +71,21 @@ fn generations_match_transformers_exactly() {
         let name = case["case"]["name"].as_str().unwrap();
         let cfg = settings(&model, &case["case"]);
         let out = generate(&model.model, &inputs, &cfg).unwrap();
-        for (i, (got, want)) in out.iter().zip(case["outputs"].as_array().unwrap()).enumerate() {
-            let want_ids: Vec<u32> =
-                want["ids"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
-            assert_eq!(got.ids, want_ids, "case {name}, input {i}: token ids differ");
+        for (i, (got, want)) in out
+            .iter()
+            .zip(case["outputs"].as_array().unwrap())
+            .enumerate()
+        {
+            let want_ids: Vec<u32> = want["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect();
+            assert_eq!(
+                got.ids, want_ids,
+                "case {name}, input {i}: token ids differ"
+            );
             match (got.score, want["score"].as_f64()) {
                 (Some(s), Some(w)) => assert!(
                     (s as f64 - w).abs() < 1e-4,
@@ -64,7 +95,11 @@ fn generations_match_transformers_exactly() {
                 other => panic!("case {name}, input {i}: score presence differs: {other:?}"),
             }
             let text = model.tokenizer.decode(&got.ids).unwrap();
-            assert_eq!(text, want["text"].as_str().unwrap(), "case {name}, input {i}: decoded text");
+            assert_eq!(
+                text,
+                want["text"].as_str().unwrap(),
+                "case {name}, input {i}: decoded text"
+            );
             checked += 1;
         }
     }
@@ -77,7 +112,11 @@ fn single_input_equals_its_row_in_a_batch() {
     let mut cfg = model.generation.clone();
     cfg.num_beams = 5;
     cfg.max_length = 20;
-    let queries = ["해외직구 면세한도는 얼마인가요?", "관세 환급", "이사화물 통관예약을 하면 뭐가 좋나요?"];
+    let queries = [
+        "해외직구 면세한도는 얼마인가요?",
+        "관세 환급",
+        "이사화물 통관예약을 하면 뭐가 좋나요?",
+    ];
     let batch = model.extract(&queries, &cfg, None).unwrap();
     for (q, b) in queries.iter().zip(&batch) {
         let single = model.extract(&[q], &cfg, None).unwrap();

@@ -21,13 +21,19 @@ fn check_logits(model: &KeywordModel, prefix: &str, tol: f32) {
     let dec_mask = t("decoder_attention_mask").to_dtype(DType::U32).unwrap();
     let enc = model.model.encode(&ids, Some(&mask), false).unwrap();
     let d_enc = max_abs_diff(&enc, &t("encoder_hidden"));
-    assert!(d_enc <= tol, "{prefix}: encoder states differ by {d_enc} (tolerance {tol})");
+    assert!(
+        d_enc <= tol,
+        "{prefix}: encoder states differ by {d_enc} (tolerance {tol})"
+    );
     let logits = model
         .model
         .decode(&dec, &enc, Some(&mask), Some(&dec_mask), false)
         .unwrap();
     let d = max_abs_diff(&logits, &t("logits"));
-    eprintln!("{prefix} {:?}: encoder diff {d_enc:e}, logits diff {d:e}", model.model.dtype());
+    eprintln!(
+        "{prefix} {:?}: encoder diff {d_enc:e}, logits diff {d:e}",
+        model.model.dtype()
+    );
     assert!(d <= tol, "{prefix}: logits differ by {d} (tolerance {tol})");
 }
 
@@ -66,13 +72,23 @@ fn cached_incremental_decoding_equals_full_recomputation() {
     let mask = g["bart.attention_mask"].to_dtype(DType::U32).unwrap();
     let dec = g["bart.decoder_input_ids"].to_dtype(DType::U32).unwrap();
     let enc = m.model.encode(&ids, Some(&mask), false).unwrap();
-    let full = m.model.decode(&dec, &enc, Some(&mask), None, false).unwrap();
+    let full = m
+        .model
+        .decode(&dec, &enc, Some(&mask), None, false)
+        .unwrap();
     let mut cache = m.model.start_decoding(&enc, Some(&mask)).unwrap();
     let steps = dec.dim(1).unwrap();
     // first two positions at once, then one at a time
-    let mut parts = vec![m.model.decode_step(&dec.narrow(1, 0, 2).unwrap(), &mut cache).unwrap()];
+    let mut parts = vec![m
+        .model
+        .decode_step(&dec.narrow(1, 0, 2).unwrap(), &mut cache)
+        .unwrap()];
     for i in 2..steps {
-        parts.push(m.model.decode_step(&dec.narrow(1, i, 1).unwrap(), &mut cache).unwrap());
+        parts.push(
+            m.model
+                .decode_step(&dec.narrow(1, i, 1).unwrap(), &mut cache)
+                .unwrap(),
+        );
     }
     let inc = Tensor::cat(&parts, 1).unwrap();
     let d = max_abs_diff(&inc, &full);

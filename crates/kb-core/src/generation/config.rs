@@ -24,7 +24,9 @@ impl EarlyStopping {
     pub fn from_json(v: &serde_json::Value) -> Option<Self> {
         match v {
             serde_json::Value::Bool(true) => Some(EarlyStopping::True),
-            serde_json::Value::Bool(false) | serde_json::Value::Null => Some(EarlyStopping::Heuristic),
+            serde_json::Value::Bool(false) | serde_json::Value::Null => {
+                Some(EarlyStopping::Heuristic)
+            }
             serde_json::Value::String(s) if s == "never" => Some(EarlyStopping::Never),
             _ => None,
         }
@@ -148,7 +150,8 @@ impl GenerationConfig {
             return Err(Error::Config {
                 path: path.to_path_buf(),
                 field: "do_sample".into(),
-                message: "sampling is not supported; kb-core decodes greedily or with beam search".into(),
+                message: "sampling is not supported; kb-core decodes greedily or with beam search"
+                    .into(),
             });
         }
         let early_stopping = match &raw.early_stopping {
@@ -170,7 +173,10 @@ impl GenerationConfig {
             forced_eos_token_id: raw.forced_eos_token_id,
             forced_bos_token_id: raw.forced_bos_token_id,
             decoder_start_token_id: raw.decoder_start_token_id.unwrap_or(cfg.decoder_start()),
-            eos_token_ids: raw.eos_token_id.map(|t| t.to_vec()).unwrap_or_else(|| cfg.eos_ids()),
+            eos_token_ids: raw
+                .eos_token_id
+                .map(|t| t.to_vec())
+                .unwrap_or_else(|| cfg.eos_ids()),
             pad_token_id: raw.pad_token_id.or(cfg.pad_token_id),
         };
         out.validate().map_err(|m| Error::Config {
@@ -195,13 +201,20 @@ impl GenerationConfig {
             return Err(("num_beams", "must be at least 1".into()));
         }
         if self.effective_max_length() < 2 {
-            return Err(("max_length", "must allow at least one generated token (max_length ≥ 2 or max_new_tokens ≥ 1)".into()));
+            return Err((
+                "max_length",
+                "must allow at least one generated token (max_length ≥ 2 or max_new_tokens ≥ 1)"
+                    .into(),
+            ));
         }
         if !self.length_penalty.is_finite() {
             return Err(("length_penalty", "must be a finite number".into()));
         }
         if self.eos_token_ids.is_empty() {
-            return Err(("eos_token_id", "at least one end-of-sequence token is needed".into()));
+            return Err((
+                "eos_token_id",
+                "at least one end-of-sequence token is needed".into(),
+            ));
         }
         Ok(())
     }
@@ -264,7 +277,10 @@ mod tests {
         assert_eq!(g.early_stopping, EarlyStopping::Never);
         assert_eq!(g.effective_max_length(), 8);
         assert_eq!(g.decoder_start_token_id, 1);
-        assert_eq!(g.forced_eos_token_id, None, "the file, not config.json, decides");
+        assert_eq!(
+            g.forced_eos_token_id, None,
+            "the file, not config.json, decides"
+        );
     }
 
     #[test]
@@ -276,7 +292,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains("early_stopping") && err.contains("generation_config.json"), "{err}");
+        assert!(
+            err.contains("early_stopping") && err.contains("generation_config.json"),
+            "{err}"
+        );
         let err = GenerationConfig::from_json_str(
             r#"{"num_beams": 0}"#,
             Path::new("generation_config.json"),

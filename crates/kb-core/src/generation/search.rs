@@ -40,7 +40,11 @@ pub fn pad_batch(model: &Bart, inputs: &[Vec<u32>], pad: u32) -> Result<(Tensor,
 }
 
 /// Generates one output per input (token ids without special tokens added), batched.
-pub fn generate(model: &Bart, inputs: &[Vec<u32>], cfg: &GenerationConfig) -> Result<Vec<Generated>> {
+pub fn generate(
+    model: &Bart,
+    inputs: &[Vec<u32>],
+    cfg: &GenerationConfig,
+) -> Result<Vec<Generated>> {
     cfg.validate()
         .map_err(|(field, msg)| Error::Invalid(format!("generation setting {field}: {msg}")))?;
     if inputs.is_empty() {
@@ -312,9 +316,7 @@ fn beam_search(
             state.improvement_possible &= can_improve;
         }
         let improvement_possible = states.iter().any(|s| s.improvement_possible);
-        let all_finished = states
-            .iter()
-            .all(|s| s.finished.iter().all(|h| h.finished));
+        let all_finished = states.iter().all(|s| s.finished.iter().all(|h| h.finished));
         let open_beam = !(all_finished && cfg.early_stopping == EarlyStopping::True);
         if !(improvement_possible && open_beam && !all_hit) {
             break;

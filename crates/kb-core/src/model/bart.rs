@@ -113,7 +113,12 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        train: bool,
+    ) -> candle_core::Result<Tensor> {
         if self.pre_ln {
             let h = self.self_attn_layer_norm.forward(x, train)?;
             let kv = self.self_attn.key_values(&h)?;
@@ -160,7 +165,12 @@ impl DecoderLayer {
         let act = cfg.activation().map_err(candle_core::Error::msg)?;
         let heads = cfg.decoder_attention_heads;
         Ok(Self {
-            self_attn: Attention::load(cfg.d_model, heads, cfg.attention_dropout, vb.pp("self_attn"))?,
+            self_attn: Attention::load(
+                cfg.d_model,
+                heads,
+                cfg.attention_dropout,
+                vb.pp("self_attn"),
+            )?,
             self_attn_layer_norm: LayerNorm::load(cfg.d_model, vb.pp("self_attn_layer_norm"))?,
             encoder_attn: Attention::load(
                 cfg.d_model,
@@ -168,7 +178,10 @@ impl DecoderLayer {
                 cfg.attention_dropout,
                 vb.pp("encoder_attn"),
             )?,
-            encoder_attn_layer_norm: LayerNorm::load(cfg.d_model, vb.pp("encoder_attn_layer_norm"))?,
+            encoder_attn_layer_norm: LayerNorm::load(
+                cfg.d_model,
+                vb.pp("encoder_attn_layer_norm"),
+            )?,
             ffn: FeedForward::load(
                 cfg.d_model,
                 cfg.decoder_ffn_dim,
@@ -219,9 +232,13 @@ impl DecoderLayer {
     ) -> candle_core::Result<Tensor> {
         let x = if self.pre_ln {
             let h = self.encoder_attn_layer_norm.forward(x, train)?;
-            let h = self.encoder_attn.attend(&h, cross_kv, encoder_mask, train)?;
+            let h = self
+                .encoder_attn
+                .attend(&h, cross_kv, encoder_mask, train)?;
             let x = (x + dropout(&h, self.dropout, train)?)?;
-            let h = self.ffn.forward(&self.final_layer_norm.forward(&x, train)?, train)?;
+            let h = self
+                .ffn
+                .forward(&self.final_layer_norm.forward(&x, train)?, train)?;
             return x + dropout(&h, self.dropout, train)?;
         } else {
             let h = self.encoder_attn.attend(x, cross_kv, encoder_mask, train)?;
@@ -310,7 +327,8 @@ impl Bart {
             mean: 0.0,
             stdev: cfg.init_std,
         };
-        let shared = vb.get_with_hints((cfg.vocab_size, cfg.d_model), "model.shared.weight", init)?;
+        let shared =
+            vb.get_with_hints((cfg.vocab_size, cfg.d_model), "model.shared.weight", init)?;
         let enc_vb = vb.pp("model.encoder");
         let dec_vb = vb.pp("model.decoder");
         let final_norm = |vb: &VarBuilder| -> candle_core::Result<Option<LayerNorm>> {
@@ -341,8 +359,11 @@ impl Bart {
         } else {
             vb.get_with_hints((cfg.vocab_size, cfg.d_model), "lm_head.weight", init)?
         };
-        let final_logits_bias =
-            vb.get_with_hints((1, cfg.vocab_size), "final_logits_bias", candle_nn::Init::Const(0.0))?;
+        let final_logits_bias = vb.get_with_hints(
+            (1, cfg.vocab_size),
+            "final_logits_bias",
+            candle_nn::Init::Const(0.0),
+        )?;
         Ok(Self {
             config: cfg.clone(),
             encoder,
@@ -409,7 +430,10 @@ impl Bart {
             .transpose()?;
         let self_mask =
             additive_causal_mask(b, t, 0, decoder_attention_mask, self.dtype, &self.device)?;
-        let mut x = self.decoder.embeddings.forward(decoder_input_ids, 0, train)?;
+        let mut x = self
+            .decoder
+            .embeddings
+            .forward(decoder_input_ids, 0, train)?;
         x = dropout(&x, self.decoder.dropout, train)?;
         for layer in &self.decoder.layers {
             let (h, _) = layer.self_block(&x, None, Some(&self_mask), train)?;
@@ -432,7 +456,13 @@ impl Bart {
         train: bool,
     ) -> Result<Tensor> {
         let enc = self.encode(input_ids, attention_mask, train)?;
-        self.decode(decoder_input_ids, &enc, attention_mask, decoder_attention_mask, train)
+        self.decode(
+            decoder_input_ids,
+            &enc,
+            attention_mask,
+            decoder_attention_mask,
+            train,
+        )
     }
 
     /// Prepares incremental decoding: computes every layer's cross-attention keys/values once.
@@ -468,7 +498,14 @@ impl Bart {
         let (b, t) = ids.dims2()?;
         let past = cache.past;
         let self_mask = if t > 1 {
-            Some(additive_causal_mask(b, t, past, None, self.dtype, &self.device)?)
+            Some(additive_causal_mask(
+                b,
+                t,
+                past,
+                None,
+                self.dtype,
+                &self.device,
+            )?)
         } else {
             None // a single new position may attend to every earlier one
         };

@@ -173,7 +173,12 @@ pub struct Attention {
 
 impl Attention {
     /// Loads `q_proj`, `k_proj`, `v_proj`, `out_proj` under `vb`.
-    pub fn load(dim: usize, heads: usize, dropout: f64, vb: VarBuilder) -> candle_core::Result<Self> {
+    pub fn load(
+        dim: usize,
+        heads: usize,
+        dropout: f64,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
             q_proj: linear(dim, dim, vb.pp("q_proj"))?,

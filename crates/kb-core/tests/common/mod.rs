@@ -8,7 +8,9 @@ use kb_core::candle_core::{DType, Device, Tensor};
 
 /// `tests/fixtures/NAME`.
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 /// The golden tensors written by `scripts/make_fixtures.py`.
@@ -49,3 +51,4 @@ pub fn copy_fixture(name: &str, skip: impl Fn(&str) -> bool) -> tempfile::TempDi
     }
     dir
 }
+pub mod torch_bin;
