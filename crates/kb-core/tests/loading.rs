@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use common::torch_bin::write_torch_bin;
 use common::*;
 use kb_core::candle_core::{DType, Device, Tensor};
+use kb_core::model::Pass;
 use kb_core::weights::expected_tensors;
 use kb_core::{BartConfig, KeywordModel, ModelSource};
 
@@ -146,9 +147,12 @@ fn sharded_safetensors_load() {
     let dec = Tensor::new(&[[1u32, 50]], &Device::Cpu).unwrap();
     let x = sharded
         .model
-        .forward(&ids, None, &dec, None, false)
+        .forward(&ids, None, &dec, None, Pass::Inference)
         .unwrap();
-    let y = single.model.forward(&ids, None, &dec, None, false).unwrap();
+    let y = single
+        .model
+        .forward(&ids, None, &dec, None, Pass::Inference)
+        .unwrap();
     assert_eq!(max_abs_diff(&x, &y), 0.0);
 }
 
@@ -209,7 +213,10 @@ fn full_kobart_v1_shapes_from_a_hub_style_bin() {
     assert!(m.report.unexpected.is_empty(), "{:?}", m.report.unexpected);
     let ids = Tensor::new(&[[100u32, 200, 300, 400, 1]], &Device::Cpu).unwrap();
     let dec = Tensor::new(&[[1u32, 500, 600]], &Device::Cpu).unwrap();
-    let logits = m.model.forward(&ids, None, &dec, None, false).unwrap();
+    let logits = m
+        .model
+        .forward(&ids, None, &dec, None, Pass::Inference)
+        .unwrap();
     assert_eq!(logits.dims(), &[1, 3, 30000]);
     let finite = logits
         .flatten_all()

@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use kb_core::candle_core::{DType, Device, Tensor};
+use kb_core::model::Pass;
 use kb_core::KeywordModel;
 
 const F32_TOL: f32 = 1e-4;
@@ -19,7 +20,10 @@ fn check_logits(model: &KeywordModel, prefix: &str, tol: f32) {
     let mask = t("attention_mask").to_dtype(DType::U32).unwrap();
     let dec = t("decoder_input_ids").to_dtype(DType::U32).unwrap();
     let dec_mask = t("decoder_attention_mask").to_dtype(DType::U32).unwrap();
-    let enc = model.model.encode(&ids, Some(&mask), false).unwrap();
+    let enc = model
+        .model
+        .encode(&ids, Some(&mask), Pass::Inference)
+        .unwrap();
     let d_enc = max_abs_diff(&enc, &t("encoder_hidden"));
     assert!(
         d_enc <= tol,
@@ -27,7 +31,7 @@ fn check_logits(model: &KeywordModel, prefix: &str, tol: f32) {
     );
     let logits = model
         .model
-        .decode(&dec, &enc, Some(&mask), Some(&dec_mask), false)
+        .decode(&dec, &enc, Some(&mask), Some(&dec_mask), Pass::Inference)
         .unwrap();
     let d = max_abs_diff(&logits, &t("logits"));
     eprintln!(
@@ -71,10 +75,10 @@ fn cached_incremental_decoding_equals_full_recomputation() {
     let ids = g["bart.input_ids"].to_dtype(DType::U32).unwrap();
     let mask = g["bart.attention_mask"].to_dtype(DType::U32).unwrap();
     let dec = g["bart.decoder_input_ids"].to_dtype(DType::U32).unwrap();
-    let enc = m.model.encode(&ids, Some(&mask), false).unwrap();
+    let enc = m.model.encode(&ids, Some(&mask), Pass::Inference).unwrap();
     let full = m
         .model
-        .decode(&dec, &enc, Some(&mask), None, false)
+        .decode(&dec, &enc, Some(&mask), None, Pass::Inference)
         .unwrap();
     let mut cache = m.model.start_decoding(&enc, Some(&mask)).unwrap();
     let steps = dec.dim(1).unwrap();

@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use super::config::{EarlyStopping, GenerationConfig};
 use super::processors::{log_softmax_in_place, process};
 use crate::error::{Error, Result};
-use crate::model::{Bart, DecoderCache};
+use crate::model::{Bart, DecoderCache, Pass};
 
 /// Score transformers adds to rule a candidate out (`-1e9`).
 const MASKED: f32 = -1.0e9;
@@ -70,7 +70,7 @@ pub fn generate(
     }
     let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
     let (ids, mask) = pad_batch(model, inputs, pad)?;
-    let encoded = model.encode(&ids, Some(&mask), false)?;
+    let encoded = model.encode(&ids, Some(&mask), Pass::Inference)?;
     if cfg.num_beams == 1 {
         let cache = model.start_decoding(&encoded, Some(&mask))?;
         greedy(model, cache, inputs.len(), cfg)

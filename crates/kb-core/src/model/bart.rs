@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 
 use super::layers::{
     additive_causal_mask, additive_padding_mask, dropout, Attention, FeedForward, KeyValues,
-    LayerNorm,
+    LayerNorm, Pass,
 };
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
@@ -50,7 +50,7 @@ impl Embeddings {
     }
 
     /// Embeds `ids` `(batch, len)` whose first position is `past` (for cached decoding).
-    fn forward(&self, ids: &Tensor, past: usize, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, ids: &Tensor, past: usize, pass: Pass<'_>) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let rows = self.positions.dim(0)?;
         if past + t + self.offset > rows {
@@ -72,7 +72,7 @@ impl Embeddings {
         let pos = self.positions.index_select(&pos_ids, 0)?;
         let mut x = x.broadcast_add(&pos)?;
         if let Some(ln) = &self.layernorm {
-            x = ln.forward(&x, train)?;
+            x = ln.forward(&x, pass)?;
         }
         Ok(x)
     }
@@ -117,25 +117,25 @@ impl EncoderLayer {
         &self,
         x: &Tensor,
         mask: Option<&Tensor>,
-        train: bool,
+        pass: Pass<'_>,
     ) -> candle_core::Result<Tensor> {
         if self.pre_ln {
-            let h = self.self_attn_layer_norm.forward(x, train)?;
+            let h = self.self_attn_layer_norm.forward(x, pass)?;
             let kv = self.self_attn.key_values(&h)?;
-            let h = self.self_attn.attend(&h, &kv, mask, train)?;
-            let x = (x + dropout(&h, self.dropout, train)?)?;
-            let h = self.final_layer_norm.forward(&x, train)?;
-            let h = self.ffn.forward(&h, train)?;
-            x + dropout(&h, self.dropout, train)?
+            let h = self.self_attn.attend(&h, &kv, mask, pass)?;
+            let x = (x + dropout(&h, self.dropout, pass)?)?;
+            let h = self.final_layer_norm.forward(&x, pass)?;
+            let h = self.ffn.forward(&h, pass)?;
+            x + dropout(&h, self.dropout, pass)?
         } else {
             let kv = self.self_attn.key_values(x)?;
-            let h = self.self_attn.attend(x, &kv, mask, train)?;
+            let h = self.self_attn.attend(x, &kv, mask, pass)?;
             let x = self
                 .self_attn_layer_norm
-                .forward(&(x + dropout(&h, self.dropout, train)?)?, train)?;
-            let h = self.ffn.forward(&x, train)?;
+                .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)?;
+            let h = self.ffn.forward(&x, pass)?;
             self.final_layer_norm
-                .forward(&(x + dropout(&h, self.dropout, train)?)?, train)
+                .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)
         }
     }
 }
@@ -201,10 +201,10 @@ impl DecoderLayer {
         x: &Tensor,
         past: Option<&KeyValues>,
         mask: Option<&Tensor>,
-        train: bool,
+        pass: Pass<'_>,
     ) -> candle_core::Result<(Tensor, KeyValues)> {
         let input = if self.pre_ln {
-            self.self_attn_layer_norm.forward(x, train)?
+            self.self_attn_layer_norm.forward(x, pass)?
         } else {
             x.clone()
         };
@@ -213,12 +213,12 @@ impl DecoderLayer {
             Some(p) => p.append(&new_kv)?,
             None => new_kv,
         };
-        let h = self.self_attn.attend(&input, &kv, mask, train)?;
-        let x = (x + dropout(&h, self.dropout, train)?)?;
+        let h = self.self_attn.attend(&input, &kv, mask, pass)?;
+        let x = (x + dropout(&h, self.dropout, pass)?)?;
         let x = if self.pre_ln {
             x
         } else {
-            self.self_attn_layer_norm.forward(&x, train)?
+            self.self_attn_layer_norm.forward(&x, pass)?
         };
         Ok((x, kv))
     }
@@ -228,26 +228,24 @@ impl DecoderLayer {
         x: &Tensor,
         cross_kv: &KeyValues,
         encoder_mask: Option<&Tensor>,
-        train: bool,
+        pass: Pass<'_>,
     ) -> candle_core::Result<Tensor> {
         let x = if self.pre_ln {
-            let h = self.encoder_attn_layer_norm.forward(x, train)?;
-            let h = self
-                .encoder_attn
-                .attend(&h, cross_kv, encoder_mask, train)?;
-            let x = (x + dropout(&h, self.dropout, train)?)?;
+            let h = self.encoder_attn_layer_norm.forward(x, pass)?;
+            let h = self.encoder_attn.attend(&h, cross_kv, encoder_mask, pass)?;
+            let x = (x + dropout(&h, self.dropout, pass)?)?;
             let h = self
                 .ffn
-                .forward(&self.final_layer_norm.forward(&x, train)?, train)?;
-            return x + dropout(&h, self.dropout, train)?;
+                .forward(&self.final_layer_norm.forward(&x, pass)?, pass)?;
+            return x + dropout(&h, self.dropout, pass)?;
         } else {
-            let h = self.encoder_attn.attend(x, cross_kv, encoder_mask, train)?;
+            let h = self.encoder_attn.attend(x, cross_kv, encoder_mask, pass)?;
             self.encoder_attn_layer_norm
-                .forward(&(x + dropout(&h, self.dropout, train)?)?, train)?
+                .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)?
         };
-        let h = self.ffn.forward(&x, train)?;
+        let h = self.ffn.forward(&x, pass)?;
         self.final_layer_norm
-            .forward(&(x + dropout(&h, self.dropout, train)?)?, train)
+            .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)
     }
 }
 
@@ -396,18 +394,18 @@ impl Bart {
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-        train: bool,
+        pass: Pass<'_>,
     ) -> Result<Tensor> {
         let mask = attention_mask
             .map(|m| additive_padding_mask(m, self.dtype))
             .transpose()?;
-        let mut x = self.encoder.embeddings.forward(input_ids, 0, train)?;
-        x = dropout(&x, self.encoder.dropout, train)?;
+        let mut x = self.encoder.embeddings.forward(input_ids, 0, pass)?;
+        x = dropout(&x, self.encoder.dropout, pass)?;
         for layer in &self.encoder.layers {
-            x = layer.forward(&x, mask.as_ref(), train)?;
+            x = layer.forward(&x, mask.as_ref(), pass)?;
         }
         if let Some(ln) = &self.encoder.final_norm {
-            x = ln.forward(&x, train)?;
+            x = ln.forward(&x, pass)?;
         }
         Ok(x)
     }
@@ -422,7 +420,7 @@ impl Bart {
         encoder_hidden: &Tensor,
         encoder_mask: Option<&Tensor>,
         decoder_attention_mask: Option<&Tensor>,
-        train: bool,
+        pass: Pass<'_>,
     ) -> Result<Tensor> {
         let (b, t) = decoder_input_ids.dims2()?;
         let enc_mask = encoder_mask
@@ -433,15 +431,15 @@ impl Bart {
         let mut x = self
             .decoder
             .embeddings
-            .forward(decoder_input_ids, 0, train)?;
-        x = dropout(&x, self.decoder.dropout, train)?;
+            .forward(decoder_input_ids, 0, pass)?;
+        x = dropout(&x, self.decoder.dropout, pass)?;
         for layer in &self.decoder.layers {
-            let (h, _) = layer.self_block(&x, None, Some(&self_mask), train)?;
+            let (h, _) = layer.self_block(&x, None, Some(&self_mask), pass)?;
             let cross_kv = layer.encoder_attn.key_values(encoder_hidden)?;
-            x = layer.cross_and_ffn(&h, &cross_kv, enc_mask.as_ref(), train)?;
+            x = layer.cross_and_ffn(&h, &cross_kv, enc_mask.as_ref(), pass)?;
         }
         if let Some(ln) = &self.decoder.final_norm {
-            x = ln.forward(&x, train)?;
+            x = ln.forward(&x, pass)?;
         }
         self.lm_logits(&x)
     }
@@ -453,15 +451,15 @@ impl Bart {
         attention_mask: Option<&Tensor>,
         decoder_input_ids: &Tensor,
         decoder_attention_mask: Option<&Tensor>,
-        train: bool,
+        pass: Pass<'_>,
     ) -> Result<Tensor> {
-        let enc = self.encode(input_ids, attention_mask, train)?;
+        let enc = self.encode(input_ids, attention_mask, pass)?;
         self.decode(
             decoder_input_ids,
             &enc,
             attention_mask,
             decoder_attention_mask,
-            train,
+            pass,
         )
     }
 
@@ -509,14 +507,23 @@ impl Bart {
         } else {
             None // a single new position may attend to every earlier one
         };
-        let mut x = self.decoder.embeddings.forward(ids, past, false)?;
+        let mut x = self
+            .decoder
+            .embeddings
+            .forward(ids, past, Pass::Inference)?;
         for (layer, lc) in self.decoder.layers.iter().zip(cache.layers.iter_mut()) {
-            let (h, kv) = layer.self_block(&x, lc.self_kv.as_ref(), self_mask.as_ref(), false)?;
+            let (h, kv) =
+                layer.self_block(&x, lc.self_kv.as_ref(), self_mask.as_ref(), Pass::Inference)?;
             lc.self_kv = Some(kv);
-            x = layer.cross_and_ffn(&h, &lc.cross_kv, cache.encoder_mask.as_ref(), false)?;
+            x = layer.cross_and_ffn(
+                &h,
+                &lc.cross_kv,
+                cache.encoder_mask.as_ref(),
+                Pass::Inference,
+            )?;
         }
         if let Some(ln) = &self.decoder.final_norm {
-            x = ln.forward(&x, false)?;
+            x = ln.forward(&x, Pass::Inference)?;
         }
         cache.past += t;
         self.lm_logits(&x)

@@ -1,10 +1,13 @@
 //! Building blocks of the BART model: linear and norm layers, activations, masks and attention.
 //!
-//! Each op has a fused inference path and a differentiable path (chosen by `train`): candle's
+//! Each op has a fused inference path and a differentiable path (chosen by [`Pass`]): candle's
 //! fused layer-norm and softmax kernels have no backward pass, so training uses composed ops.
+
+use std::cell::Cell;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
+use rand::{Rng, SeedableRng};
 
 use crate::config::Activation;
 
@@ -32,8 +35,8 @@ impl LayerNorm {
     }
 
     /// Normalises the last dimension.
-    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        if train || !x.is_contiguous() {
+    pub fn forward(&self, x: &Tensor, pass: Pass<'_>) -> candle_core::Result<Tensor> {
+        if pass.differentiable() || !x.is_contiguous() {
             candle_nn::ops::layer_norm_slow(x, &self.weight, &self.bias, LAYER_NORM_EPS as f32)
         } else {
             candle_nn::ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS as f32)
@@ -52,18 +55,87 @@ pub fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     }
 }
 
-/// Dropout that is active only in training mode.
-pub fn dropout(x: &Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p as f32)
-    } else {
-        Ok(x.clone())
+/// How a forward pass runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Pass<'a> {
+    /// Fused kernels, no dropout, no gradients needed.
+    Inference,
+    /// Differentiable ops; dropout when a random source is given.
+    Training {
+        /// Dropout masks come from here; `None` disables dropout (e.g. golden-step checks).
+        dropout: Option<&'a DropoutRng>,
+    },
+}
+
+impl Pass<'_> {
+    /// Whether ops must support backpropagation.
+    pub fn differentiable(&self) -> bool {
+        matches!(self, Pass::Training { .. })
+    }
+}
+
+/// A seeded source of dropout masks.
+///
+/// Mask `i` of a pass is drawn from a ChaCha8 stream seeded with `(seed, i)`, so a training step
+/// with the same seed draws the same masks on every run — which is what makes `--resume` replay
+/// an interrupted run exactly (candle's CPU random generator cannot be seeded).
+#[derive(Debug)]
+pub struct DropoutRng {
+    seed: u64,
+    counter: Cell<u64>,
+}
+
+impl DropoutRng {
+    /// A source for one forward pass, seeded by e.g. the run seed and the global step.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            counter: Cell::new(0),
+        }
+    }
+
+    fn mask(
+        &self,
+        shape: &[usize],
+        p: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let i = self.counter.get();
+        self.counter.set(i + 1);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03),
+        );
+        let n: usize = shape.iter().product();
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let threshold = (p * u32::MAX as f64) as u32;
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                if rng.random::<u32>() >= threshold {
+                    keep
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(values, shape, device)?.to_dtype(dtype)
+    }
+}
+
+/// Dropout with probability `p`, active only in a training pass with a random source.
+pub fn dropout(x: &Tensor, p: f64, pass: Pass<'_>) -> candle_core::Result<Tensor> {
+    match pass {
+        Pass::Training { dropout: Some(rng) } if p > 0.0 => {
+            let mask = rng.mask(x.dims(), p, x.dtype(), x.device())?;
+            x * mask
+        }
+        _ => Ok(x.clone()),
     }
 }
 
 /// Softmax over the last dimension.
-pub fn softmax_last(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-    if train || !x.is_contiguous() {
+pub fn softmax_last(x: &Tensor, pass: Pass<'_>) -> candle_core::Result<Tensor> {
+    if pass.differentiable() || !x.is_contiguous() {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)
@@ -214,7 +286,7 @@ impl Attention {
         x: &Tensor,
         kv: &KeyValues,
         mask: Option<&Tensor>,
-        train: bool,
+        pass: Pass<'_>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, dim) = x.dims3()?;
         let q = self.split_heads(&(self.q_proj.forward(x)? * self.scaling)?)?;
@@ -222,8 +294,8 @@ impl Attention {
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let probs = softmax_last(&scores, train)?;
-        let probs = dropout(&probs, self.dropout, train)?;
+        let probs = softmax_last(&scores, pass)?;
+        let probs = dropout(&probs, self.dropout, pass)?;
         let out = probs.matmul(&kv.values)?; // (b, h, t, d)
         let out = out.transpose(1, 2)?.reshape((b, t, dim))?;
         self.out_proj.forward(&out)
@@ -257,9 +329,9 @@ impl FeedForward {
     }
 
     /// Applies the block.
-    pub fn forward(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pass: Pass<'_>) -> candle_core::Result<Tensor> {
         let h = activate(&self.fc1.forward(x)?, self.activation)?;
-        let h = dropout(&h, self.activation_dropout, train)?;
+        let h = dropout(&h, self.activation_dropout, pass)?;
         self.fc2.forward(&h)
     }
 }

@@ -4,3 +4,4 @@ mod bart;
 pub mod layers;
 
 pub use bart::{Bart, DecoderCache};
+pub use layers::{DropoutRng, Pass};
