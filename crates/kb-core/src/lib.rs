@@ -15,6 +15,7 @@
 //! ```
 
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generation;
 pub mod keywords;
@@ -22,6 +23,7 @@ pub mod model;
 pub mod pipeline;
 pub mod source;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use candle_core;

@@ -1,0 +1,158 @@
+//! A BART whose weights are trainable variables: from a pretrained folder, or initialised from
+//! scratch the way transformers' `_init_weights` does (seeded, so runs are reproducible).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+use crate::config::BartConfig;
+use crate::data::Batch;
+use crate::error::{Error, Result};
+use crate::model::{Bart, Pass};
+
+/// Tensors transformers keeps as buffers, not parameters: never updated by the optimizer.
+pub const BUFFERS: [&str; 1] = ["final_logits_bias"];
+
+/// The model and its variables.
+pub struct Trainable {
+    /// Variables by transformers name (f32 master weights).
+    pub varmap: VarMap,
+    /// The network, reading those variables.
+    pub model: Bart,
+}
+
+impl Trainable {
+    /// Creates the variables for `config` on `device`, initialised from `tensors` (all expected
+    /// tensors must be present, e.g. from [`crate::weights::load_checked`]).
+    pub fn from_tensors(
+        config: &BartConfig,
+        tensors: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> Result<Self> {
+        let t = Self::allocate(config, device)?;
+        {
+            let data = t.varmap.data().lock().expect("varmap lock");
+            for (name, var) in data.iter() {
+                let value = tensors
+                    .get(name)
+                    .ok_or_else(|| Error::Weights(format!("initial weights lack tensor {name}")))?;
+                var.set(&value.to_dtype(DType::F32)?.to_device(device)?)?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Creates randomly initialised variables as transformers' `BartPretrainedModel._init_weights`
+    /// does: linear and embedding weights ~ N(0, init_std), biases 0, the padding row of the token
+    /// embedding 0, layer norms 1 and 0, `final_logits_bias` 0.
+    pub fn from_scratch(config: &BartConfig, seed: u64, device: &Device) -> Result<Self> {
+        let t = Self::allocate(config, device)?;
+        let normal = Normal::new(0.0f32, config.init_std as f32)
+            .map_err(|e| Error::Invalid(format!("init_std: {e}")))?;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let data = t.varmap.data().lock().expect("varmap lock");
+        let mut names: Vec<&String> = data.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &data[name];
+            let shape = var.as_tensor().shape().clone();
+            let is_norm = name.contains("layer_norm") || name.contains("layernorm");
+            let value = if BUFFERS.contains(&name.as_str()) || name.ends_with(".bias") {
+                Tensor::zeros(&shape, DType::F32, device)?
+            } else if is_norm {
+                Tensor::ones(&shape, DType::F32, device)?
+            } else {
+                let mut v: Vec<f32> = (0..shape.elem_count())
+                    .map(|_| normal.sample(&mut rng))
+                    .collect();
+                if name == "model.shared.weight" {
+                    if let Some(pad) = config.pad_token_id {
+                        let d = config.d_model;
+                        v[pad as usize * d..(pad as usize + 1) * d].fill(0.0);
+                    }
+                }
+                Tensor::from_vec(v, &shape, device)?
+            };
+            var.set(&value)?;
+        }
+        drop(data);
+        Ok(t)
+    }
+
+    fn allocate(config: &BartConfig, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = Bart::load(config, vb)?;
+        Ok(Self { varmap, model })
+    }
+
+    /// Trainable variables (everything but buffers), sorted by name.
+    pub fn parameters(&self) -> Vec<(String, Var)> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        let mut out: Vec<(String, Var)> = data
+            .iter()
+            .filter(|(n, _)| !BUFFERS.contains(&n.as_str()))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// All current values (parameters and buffers) by name.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect()
+    }
+
+    /// Mean cross-entropy over the batch's label tokens (padding ignored), as transformers'
+    /// `BartForConditionalGeneration(labels=…)` computes it.
+    pub fn loss(&self, batch: &Batch, pass: Pass<'_>) -> Result<Tensor> {
+        let logits = self.model.forward(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            &batch.decoder_input_ids,
+            Some(&batch.decoder_attention_mask),
+            pass,
+        )?;
+        masked_cross_entropy(&logits, &batch.labels, &batch.decoder_attention_mask)
+    }
+
+    /// Sum of token losses and the number of label tokens (for exact validation means).
+    pub fn loss_sum(&self, batch: &Batch) -> Result<(f64, usize)> {
+        let mean = self.loss(batch, Pass::Inference)?.to_scalar::<f32>()? as f64;
+        Ok((mean * batch.label_tokens as f64, batch.label_tokens))
+    }
+
+    /// Backpropagates `loss` and returns the gradient of every trainable variable by name.
+    pub fn gradients(&self, loss: &Tensor) -> Result<HashMap<String, Tensor>> {
+        let store = loss.backward()?;
+        let mut out = HashMap::new();
+        for (name, var) in self.parameters() {
+            if let Some(g) = store.get(var.as_tensor()) {
+                out.insert(name, g.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Mean negative log-likelihood of `labels` under `logits` `(b, t, vocab)` over positions where
+/// `mask` `(b, t)` is non-zero.
+pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?.reshape((b * t, v))?, 1)?;
+    let picked = logp
+        .gather(&labels.reshape((b * t, 1))?.to_dtype(DType::U32)?, 1)?
+        .reshape(b * t)?;
+    let mask = mask.reshape(b * t)?.to_dtype(DType::F32)?;
+    let count = mask.sum_all()?.to_scalar::<f32>()?;
+    if count == 0.0 {
+        return Err(Error::Invalid("batch has no label tokens".into()));
+    }
+    Ok(((picked * mask)?.sum_all()?.neg()? / count as f64)?)
+}
