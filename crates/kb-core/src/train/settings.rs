@@ -1,0 +1,222 @@
+//! Training settings: the original recipe's hyper-parameters, readable from a TOML file
+//! (`configs/*.toml`) and overridable from the command line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::source::DEFAULT_MODEL;
+
+/// How the model's weights start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InitMode {
+    /// From a pretrained model (`model`: folder or hub id), as the original did.
+    #[default]
+    Pretrained,
+    /// Randomly initialised from `model_config`, with a tokenizer trained on the training file.
+    Scratch,
+}
+
+impl std::str::FromStr for InitMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "pretrained" => Ok(InitMode::Pretrained),
+            "scratch" => Ok(InitMode::Scratch),
+            _ => Err(format!("`{s}` is not pretrained or scratch")),
+        }
+    }
+}
+
+/// Where training runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// CUDA GPUs (needs a build with the `cuda` feature).
+    Gpu,
+}
+
+impl std::str::FromStr for Accelerator {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Accelerator::Cpu),
+            "gpu" | "cuda" => Ok(Accelerator::Gpu),
+            _ => Err(format!("`{s}` is not cpu or gpu")),
+        }
+    }
+}
+
+/// Every training setting. Defaults are the original recipe's (`train.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSettings {
+    /// Pretrained model: folder or hub id.
+    pub model: String,
+    /// Weight initialisation.
+    pub init: InitMode,
+    /// `config.json` of the model to build with `init = "scratch"`.
+    pub model_config: Option<PathBuf>,
+    /// Vocabulary size of the tokenizer trained with `init = "scratch"`.
+    pub tokenizer_vocab_size: usize,
+    /// Training TSV (`query`, `keyword`).
+    pub train_file: PathBuf,
+    /// Validation TSV.
+    pub test_file: PathBuf,
+    /// Run folder: checkpoints under `model_chp/`, `metrics.jsonl`, `loss.svg`.
+    pub checkpoint: PathBuf,
+    /// Epochs.
+    pub max_epochs: usize,
+    /// Stop after this many optimizer steps in total (also sets the schedule's length).
+    pub max_steps: Option<usize>,
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Batches whose gradients are summed before each optimizer step.
+    pub accumulate_grad_batches: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// AdamW weight decay (not applied to biases).
+    pub weight_decay: f64,
+    /// Fraction of the steps spent warming the learning rate up from 0.
+    pub warmup_ratio: f64,
+    /// Clip gradients to this global norm (0 disables).
+    pub gradient_clip_val: f64,
+    /// Tokens kept of each query and keyword list.
+    pub max_len: usize,
+    /// Seed for initialisation, data order and dropout.
+    pub seed: u64,
+    /// Threads that tokenize and build batches ahead of the model.
+    pub num_workers: usize,
+    /// CPU or GPU.
+    pub accelerator: Accelerator,
+    /// GPUs to use with `accelerator = "gpu"`.
+    pub num_gpus: usize,
+    /// Group rows of similar length into batches (less padding).
+    pub bucket: bool,
+    /// Also validate every N optimizer steps (besides each epoch end).
+    pub val_check_interval: Option<usize>,
+    /// Checkpoints kept by validation loss.
+    pub save_top_k: usize,
+    /// Save `last` every N optimizer steps (besides each epoch end).
+    pub save_every_n_steps: Option<usize>,
+    /// Skip malformed data rows (reporting them) instead of stopping.
+    pub skip_bad_rows: bool,
+}
+
+impl Default for TrainSettings {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL.to_string(),
+            init: InitMode::Pretrained,
+            model_config: None,
+            tokenizer_vocab_size: 8000,
+            train_file: PathBuf::from("data/train.tsv"),
+            test_file: PathBuf::from("data/test.tsv"),
+            checkpoint: PathBuf::from("checkpoint"),
+            max_epochs: 2,
+            max_steps: None,
+            batch_size: 8,
+            accumulate_grad_batches: 1,
+            lr: 3e-5,
+            weight_decay: 0.01,
+            warmup_ratio: 0.1,
+            gradient_clip_val: 1.0,
+            max_len: 512,
+            seed: 42,
+            num_workers: 4,
+            accelerator: Accelerator::Cpu,
+            num_gpus: 1,
+            bucket: true,
+            val_check_interval: None,
+            save_top_k: 3,
+            save_every_n_steps: None,
+            skip_bad_rows: false,
+        }
+    }
+}
+
+impl TrainSettings {
+    /// Reads a TOML recipe; unknown keys are errors naming the key.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        toml::from_str(&text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            field: "-".into(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks values that would make training meaningless; returns the flag and why.
+    pub fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("accumulate_grad_batches", self.accumulate_grad_batches),
+            ("max_epochs", self.max_epochs),
+            ("save_top_k", self.save_top_k),
+            ("num_gpus", self.num_gpus),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err((name, "must be at least 1".into()));
+            }
+        }
+        if self.max_len < 2 {
+            return Err(("max_len", "must be at least 2".into()));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(("lr", format!("{} is not a positive learning rate", self.lr)));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return Err((
+                "warmup_ratio",
+                format!("{} is not in [0, 1)", self.warmup_ratio),
+            ));
+        }
+        if self.gradient_clip_val < 0.0 || self.weight_decay < 0.0 {
+            return Err(("gradient_clip_val", "must not be negative".into()));
+        }
+        if self.init == InitMode::Scratch && self.model_config.is_none() {
+            return Err((
+                "model_config",
+                "init = scratch needs --model_config PATH (e.g. configs/tiny-bart.json)".into(),
+            ));
+        }
+        if let Some(0) = self.max_steps {
+            return Err(("max_steps", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_original_recipe() {
+        let s = TrainSettings::default();
+        assert_eq!((s.max_epochs, s.batch_size, s.max_len), (2, 8, 512));
+        assert_eq!(
+            (s.lr, s.gradient_clip_val, s.warmup_ratio),
+            (3e-5, 1.0, 0.1)
+        );
+        assert_eq!(s.save_top_k, 3);
+    }
+
+    #[test]
+    fn toml_overrides_and_rejects_unknown_keys() {
+        let s: TrainSettings =
+            toml::from_str("max_epochs = 5\nlr = 1e-4\ninit = \"scratch\"\n").unwrap();
+        assert_eq!(s.max_epochs, 5);
+        assert_eq!(s.init, InitMode::Scratch);
+        let e = toml::from_str::<TrainSettings>("learning_rate = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("learning_rate"), "{e}");
+    }
+}

@@ -1,0 +1,369 @@
+//! End-to-end tests of `kb-train` on small slices of the project's data with a tiny model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A tiny from-scratch setup: the first `n_train`/`n_test` rows of data/, a 1+1-layer BART.
+fn workspace(n_train: usize, n_test: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let slice = |src: &str, n: usize, dest: &str| {
+        let text = std::fs::read_to_string(root().join(src)).unwrap();
+        let lines: Vec<&str> = text.lines().take(n + 1).collect();
+        std::fs::write(dir.path().join(dest), lines.join("\n") + "\n").unwrap();
+    };
+    slice("data/train.tsv", n_train, "train.tsv");
+    slice("data/test.tsv", n_test, "test.tsv");
+    std::fs::write(
+        dir.path().join("model.json"),
+        r#"{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
+            "max_position_embeddings": 64, "dropout": 0.1}"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn kb_train(dir: &Path, extra: &[&str]) -> Output {
+    let mut args: Vec<String> = [
+        "--init",
+        "scratch",
+        "--model_config",
+        "model.json",
+        "--tokenizer_vocab_size",
+        "300",
+        "--train_file",
+        "train.tsv",
+        "--test_file",
+        "test.tsv",
+        "--batch_size",
+        "8",
+        "--max_len",
+        "48",
+        "--lr",
+        "3e-3",
+        "--num_workers",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_kb-train"))
+        .current_dir(dir)
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "kb-train failed:\n{err}");
+    err
+}
+
+fn train_losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["train_loss"].is_number())
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["train_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t
+                .data()
+                .chunks(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (n, v)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn resume_reproduces_an_uninterrupted_run() {
+    let dir = workspace(64, 16);
+    // 64 rows / 8 = 8 batches per epoch, 2 epochs = 16 steps.
+    ok(&kb_train(
+        dir.path(),
+        &["--checkpoint", "full", "--max_epochs", "2"],
+    ));
+    let interrupted = kb_train(
+        dir.path(),
+        &[
+            "--checkpoint",
+            "split",
+            "--max_epochs",
+            "2",
+            "--stop_after",
+            "5",
+        ],
+    );
+    let err = ok(&interrupted);
+    assert!(err.contains("--resume"), "{err}");
+    // a second interruption, then the rest
+    ok(&kb_train(
+        dir.path(),
+        &["--resume", "split", "--stop_after", "6"],
+    ));
+    ok(&kb_train(dir.path(), &["--resume", "split"]));
+
+    let full = train_losses(&dir.path().join("full"));
+    let split = train_losses(&dir.path().join("split"));
+    assert_eq!(full.len(), 16);
+    assert_eq!(
+        full.iter().map(|p| p.0).collect::<Vec<_>>(),
+        split.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+    for (a, b) in full.iter().zip(&split) {
+        assert!((a.1 - b.1).abs() < 1e-6, "step {}: {} vs {}", a.0, a.1, b.1);
+    }
+    let wa = weights(&dir.path().join("full/model_chp/last"));
+    let wb = weights(&dir.path().join("split/model_chp/last"));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        let d = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-6, "{na} differs by {d}");
+    }
+}
+
+#[test]
+fn checkpoints_are_named_like_the_original_and_load_as_models() {
+    let dir = workspace(48, 16);
+    ok(&kb_train(
+        dir.path(),
+        &[
+            "--checkpoint",
+            "run",
+            "--max_epochs",
+            "4",
+            "--save_top_k",
+            "2",
+        ],
+    ));
+    let chp = dir.path().join("run/model_chp");
+    let mut names: Vec<String> = std::fs::read_dir(&chp)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names.len(),
+        3,
+        "top-2 and last, no temporary folders: {names:?}"
+    );
+    assert!(names.contains(&"last".to_string()));
+    for n in names.iter().filter(|n| *n != "last") {
+        assert!(n.starts_with("epoch=0") && n.contains("-val_loss="), "{n}");
+    }
+    // each checkpoint is a model folder kb-core loads directly
+    for n in &names {
+        kb_core::KeywordModel::load_dir(
+            &chp.join(n),
+            kb_core::candle_core::DType::F32,
+            &kb_core::candle_core::Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{n}: {e}"));
+    }
+    let svg = std::fs::read_to_string(dir.path().join("run/loss.svg")).unwrap();
+    assert!(svg.contains("validation loss"));
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(chp.join("last/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["global_step"], 24);
+    assert_eq!(state["best"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn a_small_model_learns_project_data() {
+    // Fixed seed: validation loss must fall from ~ln(vocab) to below 4.0 within 120 steps.
+    let dir = workspace(480, 48);
+    ok(&kb_train(
+        dir.path(),
+        &[
+            "--checkpoint",
+            "run",
+            "--max_epochs",
+            "2",
+            "--batch_size",
+            "8",
+        ],
+    ));
+    let metrics = std::fs::read_to_string(dir.path().join("run/metrics.jsonl")).unwrap();
+    let vals: Vec<f64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| v["val_loss"].as_f64())
+        .collect();
+    let first_train = train_losses(&dir.path().join("run"))[0].1;
+    assert!(
+        first_train > 5.0,
+        "starts near ln(300) ≈ 5.7: {first_train}"
+    );
+    assert!(*vals.last().unwrap() < 4.0, "val losses {vals:?}");
+}
+
+#[test]
+fn non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
+    let dir = workspace(64, 16);
+    let out = kb_train(
+        dir.path(),
+        &[
+            "--checkpoint",
+            "run",
+            "--lr",
+            "1e25",
+            "--gradient_clip_val",
+            "0",
+            "--warmup_ratio",
+            "0",
+            "--save_every_n_steps",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("non-finite training loss") && err.contains("at step"),
+        "{err}"
+    );
+    let last = dir.path().join("run/model_chp/last");
+    if last.exists() {
+        kb_core::KeywordModel::load_dir(
+            &last,
+            kb_core::candle_core::DType::F32,
+            &kb_core::candle_core::Device::Cpu,
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn original_flags_config_files_and_bad_inputs() {
+    let dir = workspace(16, 8);
+    // The original's flags, spelled as it spelled them.
+    let out = kb_train(
+        dir.path(),
+        &[
+            "--gradient_clip_val",
+            "1.0",
+            "--max_epochs",
+            "2",
+            "--checkpoint",
+            "checkpoint",
+            "--accelerator",
+            "cpu",
+            "--num_gpus",
+            "1",
+            "--batch_size",
+            "8",
+            "--num_workers",
+            "4",
+            "--lr",
+            "3e-5",
+            "--max_len",
+            "512",
+            "--train_file",
+            "train.tsv",
+            "--test_file",
+            "test.tsv",
+            "--max_steps",
+            "1",
+        ],
+    );
+    ok(&out);
+    // kebab-case and a TOML config that flags override
+    std::fs::write(
+        dir.path().join("r.toml"),
+        "max_epochs = 9\nbatch_size = 4\ncheckpoint = \"from_toml\"\n",
+    )
+    .unwrap();
+    ok(&kb_train(
+        dir.path(),
+        &["--config", "r.toml", "--max-steps", "2"],
+    ));
+    let h: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("from_toml/model_chp/last/hparams.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(h["settings"]["max_epochs"], 9, "from the TOML file");
+    assert_eq!(
+        h["settings"]["batch_size"], 8,
+        "the flag overrides the TOML file"
+    );
+    assert_eq!(h["settings"]["max_steps"], 2);
+
+    std::fs::write(dir.path().join("bad.toml"), "learning_rate = 1\n").unwrap();
+    let err = String::from_utf8_lossy(&kb_train(dir.path(), &["--config", "bad.toml"]).stderr)
+        .to_string();
+    assert!(
+        err.contains("bad.toml") && err.contains("learning_rate"),
+        "{err}"
+    );
+
+    std::fs::write(
+        dir.path().join("broken.tsv"),
+        "query\tkeyword\n질문\t답\n질문만\n",
+    )
+    .unwrap();
+    let out = kb_train(
+        dir.path(),
+        &["--train_file", "broken.tsv", "--checkpoint", "b"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("broken.tsv: line 3"), "{err}");
+    let out = kb_train(
+        dir.path(),
+        &[
+            "--train_file",
+            "broken.tsv",
+            "--checkpoint",
+            "b",
+            "--skip_bad_rows",
+            "--max_steps",
+            "1",
+        ],
+    );
+    let err = ok(&out);
+    assert!(
+        err.contains("skipped 1 bad row") && err.contains("line 3"),
+        "{err}"
+    );
+
+    if !kb_core::candle_core::utils::cuda_is_available() {
+        let out = kb_train(dir.path(), &["--accelerator", "gpu", "--checkpoint", "g"]);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && err.contains("--features cuda"),
+            "{err}"
+        );
+    }
+    let out = kb_train(dir.path(), &["--resume", "nowhere"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to resume in nowhere"));
+}
