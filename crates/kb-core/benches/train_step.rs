@@ -1,0 +1,75 @@
+//! Training speed at a real model's shapes: one optimizer step (forward, backward, clipping,
+//! AdamW) on a batch of 8 customs questions, and a full epoch over the sample data.
+//!
+//! ```text
+//! KB_BENCH_MODEL=/tmp/kobart-random cargo bench -p kb-core --bench train_step
+//! ```
+//! `scripts/bench_train.py` runs this next to PyTorch on the same CPU and compares.
+//! Prints JSON objects (`{"impl":"kb-core","what":"step",…}`).
+
+use std::path::Path;
+use std::time::Instant;
+
+use kb_core::candle_core::{DType, Device};
+use kb_core::data::{encode_examples, epoch_batches, Batch, Dataset, Encoded};
+use kb_core::model::{DropoutRng, Pass};
+use kb_core::train::{clip_grad_norm, AdamW, AdamWConfig, Trainable};
+use kb_core::weights::{load_checked, WeightFiles};
+use kb_core::{BartConfig, KoTokenizer};
+
+fn main() {
+    let Ok(dir) = std::env::var("KB_BENCH_MODEL") else {
+        eprintln!("set KB_BENCH_MODEL to a model folder (e.g. from scripts/make_random_kobart.py)");
+        return;
+    };
+    let steps: usize = std::env::var("KB_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let epoch = std::env::var("KB_BENCH_EPOCH").map(|v| v == "1").unwrap_or(false);
+    let dir = Path::new(&dir);
+    let device = Device::Cpu;
+    let cfg = BartConfig::from_file(&dir.join("config.json")).unwrap();
+    let tok = KoTokenizer::from_model_dir(dir, &cfg).unwrap();
+    let (tensors, _) = load_checked(&WeightFiles::find(dir).unwrap(), &cfg, DType::F32, &device).unwrap();
+    let model = Trainable::from_tensors(&cfg, tensors, &device).unwrap();
+    let mut opt = AdamW::new(model.parameters(), AdamWConfig::default()).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let data = Dataset::read_tsv(&root.join("data/train.tsv"), false).unwrap();
+    let encoded = encode_examples(&tok, &data.examples, 512).unwrap();
+    let step = |items: &[&Encoded], opt: &mut AdamW, seed: u64| -> usize {
+        let batch = Batch::build(items, tok.special().pad, &device).unwrap();
+        let rng = DropoutRng::new(seed);
+        let loss = model.loss(&batch, Pass::Training { dropout: Some(&rng) }).unwrap();
+        let mut grads = model.gradients(&loss).unwrap();
+        clip_grad_norm(&mut grads, 1.0).unwrap();
+        opt.step(&grads, 3e-5).unwrap();
+        batch.tokens
+    };
+    // The first 8 rows, as PyTorch's side uses.
+    let first: Vec<&Encoded> = encoded.iter().take(8).collect();
+    step(&first, &mut opt, 0); // warm-up
+    let start = Instant::now();
+    let mut tokens = 0;
+    for i in 0..steps {
+        tokens += step(&first, &mut opt, i as u64 + 1);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{{\"impl\":\"kb-core\",\"what\":\"step\",\"ms_per_step\":{:.1},\"tokens_per_s\":{:.1}}}",
+        secs * 1000.0 / steps as f64,
+        tokens as f64 / secs
+    );
+    if epoch {
+        let lengths: Vec<usize> = encoded.iter().map(|e| e.input_ids.len() + e.labels.len()).collect();
+        let plan = epoch_batches(&lengths, 8, 42, 0, true);
+        let start = Instant::now();
+        for (i, b) in plan.iter().enumerate() {
+            let items: Vec<&Encoded> = b.iter().map(|&j| &encoded[j]).collect();
+            step(&items, &mut opt, 1000 + i as u64);
+        }
+        println!(
+            "{{\"impl\":\"kb-core\",\"what\":\"epoch\",\"rows\":{},\"batches\":{},\"seconds\":{:.1}}}",
+            encoded.len(),
+            plan.len(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Training benchmark: kb-core against PyTorch on the same CPU, in one run.
+
+    python scripts/bench_train.py [--model DIR] [--threads 2] [--steps 5] [--epoch]
+
+One optimizer step (forward, backward, clip_grad_norm_ 1.0, AdamW) on the first 8 rows of
+data/train.tsv at KoBART-v1's shapes (model from scripts/make_random_kobart.py), both
+implementations padding the batch to its longest row. With --epoch, also a whole epoch over
+data/train.tsv: kb-core's real epoch (rows padded per batch, length bucketing) against the
+original recipe's (every row padded to max_len 512), the latter extrapolated from timed steps
+because a full pad-to-512 epoch takes far too long on a CPU.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rows():
+    with open(ROOT / "data" / "train.tsv", encoding="utf-8") as f:
+        return [(r["query"], r["keyword"]) for r in csv.DictReader(f, delimiter="\t")]
+
+
+def torch_batch(tok, pairs, pad_to=None):
+    import torch
+
+    enc = [tok.encode(q)[:512] for q, _ in pairs]
+    lab = [(tok.encode(k) + [1])[:512] for _, k in pairs]
+    dec = [[1] + l[:-1] for l in lab]
+    def pad(seqs, value, width):
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+    we = pad_to or max(map(len, enc))
+    wd = pad_to or max(map(len, dec))
+    ids, dec_ids, labels = pad(enc, 3, we), pad(dec, 3, wd), pad(lab, -100, wd)
+    return dict(input_ids=ids, attention_mask=(ids != 3).long(), decoder_input_ids=dec_ids,
+                decoder_attention_mask=(dec_ids != 3).long(), labels=labels)
+
+
+def bench_torch(model_dir, threads, steps, epoch):
+    import torch
+    from transformers import BartForConditionalGeneration, PreTrainedTokenizerFast
+
+    torch.set_num_threads(threads)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(model_dir) / "tokenizer.json"))
+    model = BartForConditionalGeneration.from_pretrained(model_dir).train()
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight"]
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not any(nd in n for nd in no_decay)], "weight_decay": 0.01},
+        {"params": [p for n, p in model.named_parameters() if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=3e-5)
+    data = rows()
+
+    def step(batch):
+        opt.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    first = torch_batch(tok, data[:8])
+    step(first)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(first)
+    secs = time.perf_counter() - start
+    tokens = int(first["attention_mask"].sum() + first["decoder_attention_mask"].sum()) * steps
+    res = [{"impl": "pytorch", "what": "step", "ms_per_step": round(secs * 1000 / steps, 1), "tokens_per_s": round(tokens / secs, 1)}]
+    print(json.dumps(res[-1]), flush=True)
+    if epoch:
+        padded = torch_batch(tok, data[:8], pad_to=512)
+        n = 2
+        step(padded)
+        start = time.perf_counter()
+        for _ in range(n):
+            step(padded)
+        per = (time.perf_counter() - start) / n
+        batches = math.ceil(len(data) / 8)
+        res.append({"impl": "pytorch-pad512", "what": "epoch", "rows": len(data), "batches": batches,
+                    "seconds": round(per * batches, 1), "ms_per_step": round(per * 1000, 1), "extrapolated_from_steps": n})
+        print(json.dumps(res[-1]), flush=True)
+    return res
+
+
+def bench_kb_core(model_dir, threads, steps, epoch):
+    env = dict(os.environ, KB_BENCH_MODEL=str(model_dir), KB_BENCH_STEPS=str(steps),
+               KB_BENCH_EPOCH="1" if epoch else "0", RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run(["cargo", "bench", "-q", "-p", "kb-core", "--bench", "train_step"],
+                         cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    res = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    for r in res:
+        print(json.dumps(r), flush=True)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/kobart-random")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--epoch", action="store_true")
+    args = ap.parse_args()
+    if not (Path(args.model) / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_kobart.py"), args.model], check=True)
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    print(f"# {cpu}, {args.threads} threads, KoBART-v1 shapes, batch 8", flush=True)
+    ours = bench_kb_core(args.model, args.threads, args.steps, args.epoch)
+    ref = bench_torch(args.model, args.threads, args.steps, args.epoch)
+    o = next(r for r in ours if r["what"] == "step")
+    t = next(r for r in ref if r["what"] == "step")
+    print()
+    print("| measurement | PyTorch | kb-core | ratio |")
+    print("|---|---|---|---|")
+    print(f"| one step, batch 8 (ms) | {t['ms_per_step']} | {o['ms_per_step']} | {o['ms_per_step'] / t['ms_per_step']:.2f}× |")
+    if args.epoch:
+        oe = next(r for r in ours if r["what"] == "epoch")
+        te = next(r for r in ref if r["what"] == "epoch")
+        print(f"| epoch over data/train.tsv (s): original pad-to-512 vs ours | {te['seconds']} (extrapolated) | {oe['seconds']} | {te['seconds'] / oe['seconds']:.1f}× faster |")
+
+
+if __name__ == "__main__":
+    main()
