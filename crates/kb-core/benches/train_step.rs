@@ -22,13 +22,19 @@ fn main() {
         eprintln!("set KB_BENCH_MODEL to a model folder (e.g. from scripts/make_random_kobart.py)");
         return;
     };
-    let steps: usize = std::env::var("KB_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let epoch = std::env::var("KB_BENCH_EPOCH").map(|v| v == "1").unwrap_or(false);
+    let steps: usize = std::env::var("KB_BENCH_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let epoch = std::env::var("KB_BENCH_EPOCH")
+        .map(|v| v == "1")
+        .unwrap_or(false);
     let dir = Path::new(&dir);
     let device = Device::Cpu;
     let cfg = BartConfig::from_file(&dir.join("config.json")).unwrap();
     let tok = KoTokenizer::from_model_dir(dir, &cfg).unwrap();
-    let (tensors, _) = load_checked(&WeightFiles::find(dir).unwrap(), &cfg, DType::F32, &device).unwrap();
+    let (tensors, _) =
+        load_checked(&WeightFiles::find(dir).unwrap(), &cfg, DType::F32, &device).unwrap();
     let model = Trainable::from_tensors(&cfg, tensors, &device).unwrap();
     let mut opt = AdamW::new(model.parameters(), AdamWConfig::default()).unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -37,7 +43,14 @@ fn main() {
     let step = |items: &[&Encoded], opt: &mut AdamW, seed: u64| -> usize {
         let batch = Batch::build(items, tok.special().pad, &device).unwrap();
         let rng = DropoutRng::new(seed);
-        let loss = model.loss(&batch, Pass::Training { dropout: Some(&rng) }).unwrap();
+        let loss = model
+            .loss(
+                &batch,
+                Pass::Training {
+                    dropout: Some(&rng),
+                },
+            )
+            .unwrap();
         let mut grads = model.gradients(&loss).unwrap();
         clip_grad_norm(&mut grads, 1.0).unwrap();
         opt.step(&grads, 3e-5).unwrap();
@@ -58,7 +71,10 @@ fn main() {
         tokens as f64 / secs
     );
     if epoch {
-        let lengths: Vec<usize> = encoded.iter().map(|e| e.input_ids.len() + e.labels.len()).collect();
+        let lengths: Vec<usize> = encoded
+            .iter()
+            .map(|e| e.input_ids.len() + e.labels.len())
+            .collect();
         let plan = epoch_batches(&lengths, 8, 42, 0, true);
         let start = Instant::now();
         for (i, b) in plan.iter().enumerate() {

@@ -64,6 +64,8 @@ pub struct Extraction {
     pub text: String,
     /// Generated token ids, without the decoder start token.
     pub ids: Vec<u32>,
+    /// Beam search's length-normalised log-probability (`None` for greedy decoding).
+    pub score: Option<f32>,
 }
 
 /// A model ready to extract keywords.
@@ -157,6 +159,7 @@ impl KeywordModel {
                     keywords: split_keywords(&text),
                     text,
                     ids: out.ids,
+                    score: out.score,
                 })
             })
             .collect()

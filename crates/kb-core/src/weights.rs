@@ -317,3 +317,22 @@ pub fn check_tensors(
     report.unexpected = unexpected;
     Ok((out, report))
 }
+
+/// Writes tensors as `model.safetensors` the way transformers does: names sorted, with the
+/// `{"format": "pt"}` metadata that `from_pretrained` checks.
+pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::serialize_to_file(cpu, Some(metadata), path)
+        .map_err(|e| Error::Weights(format!("cannot write {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}

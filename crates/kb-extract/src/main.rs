@@ -44,6 +44,10 @@ struct Args {
     /// Also write the generated token ids (without the decoder start token).
     #[arg(long)]
     ids: bool,
+    /// Also write beam search's length-normalised log-probability (transformers'
+    /// `sequences_scores`; empty for greedy decoding).
+    #[arg(long)]
+    scores: bool,
     /// Beam count (1 = greedy).
     #[arg(long = "num_beams", alias = "num-beams")]
     num_beams: Option<usize>,
@@ -169,7 +173,7 @@ fn run(args: Args) -> Result<()> {
         )),
         None => Box::new(std::io::stdout().lock()),
     };
-    let mut writer = ResultWriter::new(sink, args.format, args.ids)?;
+    let mut writer = ResultWriter::new(sink, args.format, args.ids, args.scores)?;
     for r in results.iter().flatten() {
         writer.write(r)?;
     }

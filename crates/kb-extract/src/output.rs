@@ -22,6 +22,8 @@ struct JsonLine<'a> {
     text: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     ids: Option<&'a Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<f32>,
 }
 
 /// Writes results in order.
@@ -29,19 +31,22 @@ pub struct ResultWriter<W: Write> {
     out: W,
     format: Format,
     with_ids: bool,
+    with_scores: bool,
 }
 
 impl<W: Write> ResultWriter<W> {
     /// Starts the output (writes the TSV header).
-    pub fn new(mut out: W, format: Format, with_ids: bool) -> Result<Self> {
+    pub fn new(mut out: W, format: Format, with_ids: bool, with_scores: bool) -> Result<Self> {
         if format == Format::Tsv {
             let ids = if with_ids { "\tids" } else { "" };
-            writeln!(out, "query\tkeywords\ttext{ids}")?;
+            let scores = if with_scores { "\tscore" } else { "" };
+            writeln!(out, "query\tkeywords\ttext{ids}{scores}")?;
         }
         Ok(Self {
             out,
             format,
             with_ids,
+            with_scores,
         })
     }
 
@@ -61,6 +66,10 @@ impl<W: Write> ResultWriter<W> {
                     let ids: Vec<String> = r.ids.iter().map(u32::to_string).collect();
                     write!(self.out, "\t{}", ids.join(" "))?;
                 }
+                if self.with_scores {
+                    let score = r.score.map(|s| s.to_string()).unwrap_or_default();
+                    write!(self.out, "\t{score}")?;
+                }
                 writeln!(self.out)?;
             }
             Format::Jsonl => {
@@ -69,6 +78,7 @@ impl<W: Write> ResultWriter<W> {
                     keywords: &r.keywords,
                     text: &r.text,
                     ids: self.with_ids.then_some(&r.ids),
+                    score: if self.with_scores { r.score } else { None },
                 };
                 writeln!(self.out, "{}", serde_json::to_string(&line)?)?;
             }

@@ -115,12 +115,7 @@ pub fn write_checkpoint(dest: &Path, data: &CheckpointData<'_>) -> Result<()> {
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
 
-    let cpu: HashMap<String, Tensor> = data
-        .tensors
-        .iter()
-        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?)))
-        .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&cpu, tmp.join("model.safetensors"))?;
+    crate::weights::save_safetensors(data.tensors, &tmp.join("model.safetensors"))?;
     let mut moments = HashMap::new();
     for p in &data.optimizer.params {
         moments.insert(
