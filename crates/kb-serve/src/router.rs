@@ -156,9 +156,35 @@ impl<T: DeserializeOwned> FromRequest<SharedState> for JsonBody<T> {
                 "the request body is empty; expected a JSON object".into(),
             ));
         }
-        serde_json::from_slice(&bytes)
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+        if !value.is_object() {
+            return Err(ApiError::BadRequest(format!(
+                "invalid type: the body is a JSON {}, expected a JSON object",
+                json_kind(&value)
+            )));
+        }
+        serde_path_to_error::deserialize(value)
             .map(JsonBody)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                if path == "." {
+                    ApiError::BadRequest(format!("invalid request: {}", e.inner()))
+                } else {
+                    ApiError::BadRequest(format!("invalid field `{path}`: {}", e.inner()))
+                }
+            })
+    }
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
     }
 }
 
