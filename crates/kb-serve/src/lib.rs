@@ -14,6 +14,8 @@
 //! - [`error`]: API errors and their JSON bodies;
 //! - [`server`]: startup and graceful shutdown.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod cli;
 pub mod error;
