@@ -126,9 +126,12 @@ async fn main() -> anyhow::Result<()> {
                         tally.unfinished += 1;
                         break;
                     }
-                    Ok(Ok((status, _))) if status.is_success() => tally
-                        .latencies_ms
-                        .push(sent.elapsed().as_secs_f64() * 1000.0),
+                    Ok(Ok((status, _))) if status.is_success() => {
+                        tally
+                            .latencies_ms
+                            .push(sent.elapsed().as_secs_f64() * 1000.0);
+                        tally.last_done = started.elapsed();
+                    }
                     Ok(Ok((status, text))) => {
                         tally.errors += 1;
                         if tally.error_samples.len() < 3 {
