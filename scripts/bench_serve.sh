@@ -7,7 +7,9 @@
 # CLIENTS concurrent clients for DURATION seconds, all on POST /keyword_extract with beam BEAMS
 # and max_length MAX_LENGTH; reported: requests/s, p50/p99 latency, errors, and the server's RSS
 # when idle after loading, the largest RSS sampled under load, and the peak (VmHWM, loading included).
-# A parity check compares both servers' answers for a few prompts.
+# A parity check compares both servers' answers for a few prompts. The "other CPU" column is the
+# share of the machine's CPU used by other processes during each phase: figures taken while it is
+# well above 0% are disturbed (the script warns).
 #
 #   scripts/bench_serve.sh                      # 16 clients, 30 s, beam 5, max_length 32
 #   DURATION=15 SINGLE_DURATION=10 scripts/bench_serve.sh
@@ -106,15 +108,41 @@ ask() { # BASE PROMPT -> result string (sent without a Content-Type, like the or
         | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["result"])'
 }
 
+# CPU time in clock ticks: busy time of the whole machine, and user+system time of one process.
+cpu_busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+cpu_of() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+loadgen() { # OUT_JSON ARGS...: runs the load generator and records the share of the machine's
+    # CPU that processes other than the server and the load generator used meanwhile (> 0 means
+    # the figures are disturbed by other work on the machine).
+    local out=$1 busy0 srv0 lg start
+    shift
+    busy0=$(cpu_busy); srv0=$(cpu_of "$PID"); start=$(date +%s.%N)
+    "$LOADGEN" "$@" >"$out" &
+    lg=$!
+    local lgcpu=0 v
+    while kill -0 "$lg" 2>/dev/null; do v=$(cpu_of "$lg"); ((v > lgcpu)) && lgcpu=$v; sleep 0.2; done
+    wait "$lg"
+    "$PYTHON" - "$out" "$busy0" "$(cpu_busy)" "$srv0" "$(cpu_of "$PID")" "$lgcpu" "$start" "$(date +%s.%N)" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
+import json, sys
+path, b0, b1, s0, s1, lg, t0, t1, hz, n = sys.argv[1:]
+r = json.load(open(path))
+other = (float(b1) - float(b0)) - (float(s1) - float(s0)) - float(lg)
+r["other_cpu_share"] = max(0.0, other / (float(hz) * int(n) * (float(t1) - float(t0))))
+json.dump(r, open(path, "w"))
+PY
+}
+
 run_load() { # NAME BASE
     local name=$1 base=$2 idle load_max
     idle=$(rss_kb "$PID")
-    log "$name: 1 client for ${SINGLE_DURATION}s (load average $(cut -d' ' -f1 /proc/loadavg))"
-    "$LOADGEN" --url "$base" --clients 1 --duration "$SINGLE_DURATION" --prompts "$PROMPTS" --label "$name-single" >"$OUT/$name-single.json"
-    log "$name: $CLIENTS clients for ${DURATION}s (load average $(cut -d' ' -f1 /proc/loadavg))"
+    log "$name: 1 client for ${SINGLE_DURATION}s"
+    loadgen "$OUT/$name-single.json" --url "$base" --clients 1 --duration "$SINGLE_DURATION" --prompts "$PROMPTS" --label "$name-single"
+    log "$name: $CLIENTS clients for ${DURATION}s"
     sample_rss "$PID" "$DURATION" >"$OUT/$name-rss-samples" &
-    "$LOADGEN" --url "$base" --clients "$CLIENTS" --duration "$DURATION" --prompts "$PROMPTS" --label "$name-load" >"$OUT/$name-load.json"
-    wait $!
+    local sampler=$!
+    loadgen "$OUT/$name-load.json" --url "$base" --clients "$CLIENTS" --duration "$DURATION" --prompts "$PROMPTS" --label "$name-load"
+    wait "$sampler"
     load_max=$(cat "$OUT/$name-rss-samples")
     awk -v idle="$idle" -v load="$load_max" '/VmHWM/ {p=$2} END {printf "{\"idle_rss_mb\": %.0f, \"load_rss_mb\": %.0f, \"peak_rss_mb\": %.0f}", idle/1024, load/1024, p/1024}' "/proc/$PID/status" >"$OUT/$name-rss.json"
 }
@@ -166,7 +194,7 @@ for name in ["kb-serve", "reference"]:
 print(f"\nPOST /keyword_extract, beam {beams}, max_length {max_length}, kb-serve dtype {dtype}, "
       f"{os.cpu_count()} CPUs; single client {single}s, then {clients} clients {duration}s\n")
 hdr = (f"| server | 1 client: req/s | p50 (ms) | {clients} clients: req/s | done | p50 (ms) | p99 (ms) | "
-       f"p99/p50 | p99/1-client p50 | errors | RSS idle / under load / peak (MB) |")
+       f"p99/p50 | p99/1-client p50 | errors | RSS idle / under load / peak (MB) | other CPU |")
 print(hdr)
 print("|" + "---|" * (hdr.count("|") - 1))
 nan = float("nan")
@@ -176,7 +204,8 @@ for name, s, l, r in rows:
     p99 = l["p99_ms"] if l["p99_ms"] is not None else nan
     print(f"| {name} | {s['rps'] if s else nan:.3f} | {sp50:.0f} | {l['rps']:.3f} | {l['ok']} | {p50:.0f} | {p99:.0f} | "
           f"{p99 / p50:.2f} | {p99 / sp50:.2f} | {l['errors']} | "
-          f"{r['idle_rss_mb']:.0f} / {r['load_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} |")
+          f"{r['idle_rss_mb']:.0f} / {r['load_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} | "
+          f"{100 * (s or {}).get('other_cpu_share', nan):.0f}% / {100 * l.get('other_cpu_share', nan):.0f}% |")
 if len(rows) == 2:
     k, ref = rows[0][2], rows[1][2]
     if ref["rps"] > 0:
@@ -194,6 +223,10 @@ if os.path.exists(metrics):
             m[k] = float(v)
     if m.get("kb_batch_size_count"):
         print(f"kb-serve batches: {m['kb_batch_size_count']:.0f}, mean size {m['kb_batch_size_sum'] / m['kb_batch_size_count']:.1f} queries")
+for name, s, l, _ in rows:
+    for phase, r in [("1 client", s), (f"{clients} clients", l)]:
+        if r and r.get("other_cpu_share", 0) > 0.05:
+            print(f"WARNING: other processes used {100 * r['other_cpu_share']:.0f}% of the CPU during {name}'s {phase} phase")
 for name, _, l, _ in rows:
     if l["error_samples"]:
         print(f"{name} errors: {l['error_samples']}")
