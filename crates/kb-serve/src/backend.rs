@@ -1,0 +1,228 @@
+//! The model side: loading a [`KeywordModel`], the limits that follow from it, tokenizing
+//! queries for the HTTP layer, and batched generation for the inference worker.
+
+use std::time::Instant;
+
+use kb_core::keywords::split_keywords;
+use kb_core::{GenerationConfig, KeywordModel, KoTokenizer};
+
+use crate::cli::Args;
+use crate::error::ApiError;
+
+/// Generation settings that may differ between requests; requests are batched only with
+/// others that have the same settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GenParams {
+    /// Beam count (1 = greedy).
+    pub num_beams: usize,
+    /// Decoder length limit, counting the decoder start token.
+    pub max_length: usize,
+}
+
+/// What generation produced for one query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// Keywords, in the model's order, deduplicated.
+    pub keywords: Vec<String>,
+    /// The generated text, special tokens skipped (what the original server answered).
+    pub text: String,
+    /// Number of generated tokens.
+    pub tokens: usize,
+}
+
+/// Runs batched generation; implemented by [`Backend`] (and by fakes in tests).
+pub trait Generate {
+    /// One output per input row, all generated in one batch with `params`.
+    fn generate(&self, inputs: &[Vec<u32>], params: GenParams) -> Result<Vec<Output>, String>;
+}
+
+/// A loaded model with the server's generation defaults.
+#[derive(Debug)]
+pub struct Backend {
+    model: KeywordModel,
+    base: GenerationConfig,
+}
+
+impl Backend {
+    /// Loads the model named by `--model` on `--device` with `--dtype`.
+    pub fn load(args: &Args) -> anyhow::Result<Self> {
+        let device = kb_core::parse_device(&args.device)?;
+        let model = KeywordModel::load(&args.model, args.dtype, &device)
+            .map_err(|e| anyhow::anyhow!("cannot load model `{}`: {e}", args.model))?;
+        let base = model.generation.clone();
+        Ok(Self { model, base })
+    }
+
+    /// Works out the limits and defaults for this model and the given options.
+    pub fn info(&self, args: &Args) -> anyhow::Result<ModelInfo> {
+        let max_pos = self.model.config.max_position_embeddings;
+        let max_length = match args.max_length {
+            Some(n) if n > max_pos => anyhow::bail!(
+                "--max_length {n} exceeds the model's max_position_embeddings {max_pos}"
+            ),
+            Some(n) => n,
+            None => {
+                let from_folder = self.base.effective_max_length();
+                if from_folder > max_pos {
+                    tracing::warn!(
+                        from_folder,
+                        max_pos,
+                        "the model's generation max_length exceeds its positions; using max_position_embeddings"
+                    );
+                }
+                from_folder.clamp(2, max_pos.max(2))
+            }
+        };
+        let max_input_tokens = match args.max_input_tokens {
+            Some(n) if n > max_pos => anyhow::bail!(
+                "--max_input_tokens {n} exceeds the model's max_position_embeddings {max_pos}"
+            ),
+            Some(n) => n,
+            None => max_pos,
+        };
+        Ok(ModelInfo {
+            name: args.model.clone(),
+            tokenizer: self.model.tokenizer.clone(),
+            defaults: GenParams {
+                num_beams: args.num_beams,
+                max_length,
+            },
+            max_num_beams: args.max_num_beams,
+            max_input_tokens,
+            truncate: args.truncate,
+            max_client_batch_size: args.max_client_batch_size,
+        })
+    }
+
+    /// Runs one generation so that the first request does not pay for lazy initialisation.
+    pub fn warm_up(&self, info: &ModelInfo) -> anyhow::Result<std::time::Duration> {
+        let started = Instant::now();
+        let ids = info
+            .tokenizer
+            .encode("이사화물 통관예약을 하면 뭐가 좋나요?")
+            .map_err(|e| anyhow::anyhow!("warm-up: {e}"))?;
+        let mut ids = if ids.is_empty() {
+            vec![info.tokenizer.special().eos[0]]
+        } else {
+            ids
+        };
+        ids.truncate(info.max_input_tokens);
+        self.generate(&[ids], info.defaults)
+            .map_err(|e| anyhow::anyhow!("warm-up generation failed: {e}"))?;
+        Ok(started.elapsed())
+    }
+}
+
+impl Generate for Backend {
+    fn generate(&self, inputs: &[Vec<u32>], params: GenParams) -> Result<Vec<Output>, String> {
+        let mut gen = self.base.clone();
+        gen.num_beams = params.num_beams;
+        gen.max_length = params.max_length;
+        gen.max_new_tokens = None;
+        let generated =
+            kb_core::generate(&self.model.model, inputs, &gen).map_err(|e| e.to_string())?;
+        generated
+            .into_iter()
+            .map(|g| {
+                let text = self
+                    .model
+                    .tokenizer
+                    .decode(&g.ids)
+                    .map_err(|e| e.to_string())?;
+                Ok(Output {
+                    keywords: split_keywords(&text),
+                    text,
+                    tokens: g.ids.len(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// What the HTTP layer needs once the model is ready: its name, tokenizer and limits.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// The model as given to `--model`.
+    pub name: String,
+    /// The model's tokenizer (requests are tokenized off the inference thread).
+    pub tokenizer: KoTokenizer,
+    /// Settings used when a request does not choose.
+    pub defaults: GenParams,
+    /// Largest `num_beams` a request may ask for.
+    pub max_num_beams: usize,
+    /// Token limit per query.
+    pub max_input_tokens: usize,
+    /// Whether over-long queries are cut rather than refused.
+    pub truncate: bool,
+    /// Most queries per `/v1/keywords` request.
+    pub max_client_batch_size: usize,
+}
+
+impl ModelInfo {
+    /// The generation settings for a request, checking the asked-for values against the limits.
+    pub fn params(
+        &self,
+        num_beams: Option<usize>,
+        max_length: Option<usize>,
+    ) -> Result<GenParams, ApiError> {
+        let mut p = self.defaults;
+        if let Some(n) = num_beams {
+            if n == 0 || n > self.max_num_beams {
+                return Err(ApiError::Unprocessable(format!(
+                    "field `num_beams` must be between 1 and {} (--max_num_beams), got {n}",
+                    self.max_num_beams
+                )));
+            }
+            p.num_beams = n;
+        }
+        if let Some(n) = max_length {
+            if n < 2 || n > self.defaults.max_length {
+                return Err(ApiError::Unprocessable(format!(
+                    "field `max_length` must be between 2 and {} (--max_length), got {n}",
+                    self.defaults.max_length
+                )));
+            }
+            p.max_length = n;
+        }
+        Ok(p)
+    }
+
+    /// Tokenizes queries, refusing (or, with `--truncate`, cutting) those over the token limit.
+    /// `field(i)` names query `i` in error messages, e.g. `` `queries[2]` ``.
+    pub fn encode(
+        &self,
+        queries: &[String],
+        field: impl Fn(usize) -> String,
+    ) -> Result<Vec<Vec<u32>>, ApiError> {
+        queries
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                if q.trim().is_empty() {
+                    return Err(ApiError::Unprocessable(format!("field {} is empty", field(i))));
+                }
+                let mut ids = self.tokenizer.encode(q).map_err(|e| {
+                    ApiError::Unprocessable(format!("field {} cannot be tokenized: {e}", field(i)))
+                })?;
+                if ids.is_empty() {
+                    return Err(ApiError::Unprocessable(format!(
+                        "field {} has no tokens after tokenization",
+                        field(i)
+                    )));
+                }
+                if ids.len() > self.max_input_tokens {
+                    if !self.truncate {
+                        return Err(ApiError::Unprocessable(format!(
+                            "field {} has {} tokens; the limit is {} (--max_input_tokens; start the server with --truncate to cut instead)",
+                            field(i),
+                            ids.len(),
+                            self.max_input_tokens
+                        )));
+                    }
+                    ids.truncate(self.max_input_tokens);
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,254 @@
+//! Command-line options. Every option can also come from a `KB_…` environment variable and is
+//! accepted in both the snake_case spelling shown in `--help` and its kebab-case alias.
+
+use std::time::Duration;
+
+use clap::builder::FalseyValueParser;
+use clap::{Parser, ValueEnum};
+use kb_core::candle_core::DType;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Options of `kb-serve`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "kb-serve",
+    version,
+    about = "Keyword HTTP server: KoBART keyword extraction with dynamic batching",
+    long_about = "Keyword HTTP server: KoBART keyword extraction with dynamic batching.\n\n\
+        Routes: POST /keyword_extract (the original Flask contract), POST /v1/keywords, \
+        GET /health, GET /ready, GET /metrics, GET /openapi.json.\n\n\
+        Every option can also be set from the environment variable shown next to it, and \
+        `--snake_case` options also accept their `--kebab-case` spelling.",
+    after_help = "Log verbosity follows RUST_LOG (default: info). On startup the bound address is \
+        printed on stdout as `listening on http://HOST:PORT`."
+)]
+pub struct Args {
+    /// Model folder or Hugging Face hub id (e.g. gogamza/kobart-base-v1).
+    #[arg(long, env = "KB_MODEL")]
+    pub model: String,
+
+    /// Device to run the model on: cpu, cuda or cuda:N.
+    #[arg(long, env = "KB_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Weight dtype: f32, f16 or bf16.
+    #[arg(long, env = "KB_DTYPE", default_value = "f32", value_parser = kb_core::parse_dtype)]
+    pub dtype: DType,
+
+    /// Address to listen on. Loopback by default; use 0.0.0.0 to listen on all interfaces.
+    #[arg(long, env = "KB_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on; 0 picks a free port (see the `listening on` line on stdout).
+    #[arg(long, env = "KB_PORT", default_value_t = 8459)]
+    pub port: u16,
+
+    /// Beams used when a request does not ask for a number (the original server used 5).
+    #[arg(long = "num_beams", alias = "num-beams", env = "KB_NUM_BEAMS", default_value_t = 5,
+          value_parser = positive)]
+    pub num_beams: usize,
+
+    /// Largest `num_beams` a request may ask for.
+    #[arg(long = "max_num_beams", alias = "max-num-beams", env = "KB_MAX_NUM_BEAMS",
+          default_value_t = 16, value_parser = positive)]
+    pub max_num_beams: usize,
+
+    /// Decoder length limit counting the start token (transformers' `max_length`), and the
+    /// largest `max_length` a request may ask for. Default: the model folder's generation
+    /// settings, capped at the model's max_position_embeddings.
+    #[arg(long = "max_length", alias = "max-length", env = "KB_MAX_LENGTH", value_parser = positive)]
+    pub max_length: Option<usize>,
+
+    /// Most queries run together in one batched generation.
+    #[arg(long = "max_batch_size", alias = "max-batch-size", env = "KB_MAX_BATCH_SIZE",
+          default_value_t = 16, value_parser = positive)]
+    pub max_batch_size: usize,
+
+    /// How long the batcher waits for more requests after the first one of a batch arrived (ms).
+    #[arg(
+        long = "max_wait_ms",
+        alias = "max-wait-ms",
+        env = "KB_MAX_WAIT_MS",
+        default_value_t = 5
+    )]
+    pub max_wait_ms: u64,
+
+    /// Keyword requests allowed to wait for the model; beyond it requests get 503 + Retry-After.
+    #[arg(long = "max_queue", alias = "max-queue", env = "KB_MAX_QUEUE", default_value_t = 256,
+          value_parser = positive)]
+    pub max_queue: usize,
+
+    /// Keyword requests handled at once (parsing, queued or generating); beyond it 503 + Retry-After.
+    #[arg(long = "max_concurrent", alias = "max-concurrent", env = "KB_MAX_CONCURRENT",
+          default_value_t = 512, value_parser = positive)]
+    pub max_concurrent: usize,
+
+    /// Most queries in one `POST /v1/keywords` request (422 beyond).
+    #[arg(long = "max_client_batch_size", alias = "max-client-batch-size",
+          env = "KB_MAX_CLIENT_BATCH_SIZE", default_value_t = 32, value_parser = positive)]
+    pub max_client_batch_size: usize,
+
+    /// Token limit per query (422 beyond, unless --truncate). Default: the model's
+    /// max_position_embeddings.
+    #[arg(long = "max_input_tokens", alias = "max-input-tokens", env = "KB_MAX_INPUT_TOKENS",
+          value_parser = positive)]
+    pub max_input_tokens: Option<usize>,
+
+    /// Cut queries longer than --max_input_tokens instead of answering 422.
+    #[arg(long, env = "KB_TRUNCATE", value_parser = FalseyValueParser::new())]
+    pub truncate: bool,
+
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long = "max_body_bytes", alias = "max-body-bytes", env = "KB_MAX_BODY_BYTES",
+          default_value_t = 1 << 20, value_parser = positive)]
+    pub max_body_bytes: usize,
+
+    /// Time limit of one keyword request in milliseconds, queueing included (504 beyond).
+    #[arg(long = "timeout_ms", alias = "timeout-ms", env = "KB_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = positive_u64)]
+    pub timeout_ms: u64,
+
+    /// When set, keyword routes require `Authorization: Bearer KEY` (401 otherwise);
+    /// /health, /ready, /metrics and /openapi.json stay open.
+    #[arg(
+        long = "api_key",
+        alias = "api-key",
+        env = "KB_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Origin allowed by CORS (repeat, or comma-separate in the variable; `*` allows any).
+    /// No CORS headers are sent when unset.
+    #[arg(
+        long = "cors_origin",
+        alias = "cors-origin",
+        env = "KB_CORS_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origin: Vec<String>,
+
+    /// Log format on stderr.
+    #[arg(long = "log_format", alias = "log-format", env = "KB_LOG_FORMAT", value_enum,
+          default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Args {
+    /// Checks option combinations that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_beams > self.max_num_beams {
+            return Err(format!(
+                "--num_beams {} exceeds --max_num_beams {}",
+                self.num_beams, self.max_num_beams
+            ));
+        }
+        if let Some(n) = self.max_length {
+            if n < 2 {
+                return Err(format!(
+                    "--max_length {n} leaves no room for a generated token (it counts the decoder start token; use 2 or more)"
+                ));
+            }
+        }
+        for origin in &self.cors_origin {
+            if origin != "*" && axum::http::HeaderValue::from_str(origin).is_err() {
+                return Err(format!(
+                    "--cors_origin {origin:?} is not a valid header value"
+                ));
+            }
+        }
+        if let Some(key) = &self.api_key {
+            if key.is_empty() {
+                return Err("--api_key is empty; leave it unset to disable authentication".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The batcher's wait window.
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+
+    /// The per-request time limit.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+fn positive_u64(s: &str) -> Result<u64, String> {
+    positive(s).map(|n| n as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn snake_and_kebab_spellings_are_accepted() {
+        let a = Args::try_parse_from([
+            "kb-serve",
+            "--model",
+            "m",
+            "--max_batch_size",
+            "4",
+            "--max-wait-ms",
+            "7",
+            "--num-beams",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!((a.max_batch_size, a.max_wait_ms, a.num_beams), (4, 7, 3));
+        assert_eq!(a.host, "127.0.0.1");
+        assert_eq!(a.port, 8459);
+        assert!(!a.truncate);
+    }
+
+    #[test]
+    fn zero_and_contradictions_are_rejected() {
+        assert!(
+            Args::try_parse_from(["kb-serve", "--model", "m", "--max_batch_size", "0"]).is_err()
+        );
+        let a = Args::try_parse_from(["kb-serve", "--model", "m", "--num_beams", "20"]).unwrap();
+        assert!(a.validate().unwrap_err().contains("--max_num_beams"));
+        let a = Args::try_parse_from(["kb-serve", "--model", "m", "--max_length", "1"]).unwrap();
+        assert!(a.validate().unwrap_err().contains("--max_length"));
+    }
+
+    #[test]
+    fn help_names_the_environment_variables() {
+        let help = Args::command().render_long_help().to_string();
+        for var in [
+            "KB_MODEL",
+            "KB_PORT",
+            "KB_HOST",
+            "KB_NUM_BEAMS",
+            "KB_API_KEY",
+            "KB_MAX_WAIT_MS",
+        ] {
+            assert!(help.contains(var), "{var} missing from --help");
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! # kb-serve
+//!
+//! The keyword HTTP server of kobart-keywords: a drop-in replacement for the original Flask
+//! server (`POST /keyword_extract`), a JSON API (`POST /v1/keywords`), dynamic batching of
+//! concurrent requests on one inference thread, input and load limits with JSON errors,
+//! Prometheus metrics, an OpenAPI document and graceful shutdown.
+//!
+//! Modules, in the spirit of text-embeddings-inference:
+//! - [`cli`]: options (flags and `KB_…` environment variables);
+//! - [`router`]: axum handlers, middleware and the OpenAPI document;
+//! - [`queue`]: the bounded job queue and the batching inference worker;
+//! - [`backend`]: the model, its limits and tokenization;
+//! - [`metrics`]: Prometheus metrics;
+//! - [`error`]: API errors and their JSON bodies;
+//! - [`server`]: startup and graceful shutdown.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod cli;
+pub mod error;
+pub mod metrics;
+pub mod queue;
+pub mod router;
+pub mod server;
+
+pub use cli::{Args, LogFormat};
+pub use server::run;

@@ -1,0 +1,504 @@
+//! The request queue and the dynamic batcher.
+//!
+//! HTTP handlers [`Queue::submit`] a [`Job`] (already tokenized) and await its oneshot reply; they
+//! never touch the model. One inference worker — a dedicated OS thread running [`run_worker`] —
+//! takes jobs off the queue, gathers those with the same generation settings into a batch (up to
+//! `max_batch_size` queries, waiting at most `max_wait` after the first one arrived), runs one
+//! batched generation and answers every job. Jobs whose client gave up or whose deadline passed
+//! are dropped before generation; a panic in generation is caught and answered as an error.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::backend::{GenParams, Generate, Output};
+use crate::metrics::Metrics;
+
+/// The answer to a job.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    /// One output per input row, in order.
+    pub outputs: Vec<Output>,
+    /// Queries in the (largest) batch this job ran in.
+    pub batch_size: usize,
+    /// Time between submission and the start of generation.
+    pub queue_time: Duration,
+    /// Time generation took.
+    pub inference_time: Duration,
+}
+
+/// Why a job produced no result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// Its deadline passed before generation started.
+    Timeout,
+    /// Generation failed or panicked.
+    Failed(String),
+}
+
+/// One request's worth of work.
+#[derive(Debug)]
+pub struct Job {
+    /// Token ids, one row per query.
+    pub inputs: Vec<Vec<u32>>,
+    /// Generation settings (jobs are only batched with jobs that share them).
+    pub params: GenParams,
+    /// When the job was submitted.
+    pub enqueued: Instant,
+    /// After this the job is dropped rather than generated.
+    pub deadline: Instant,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<JobResult, JobError>>,
+}
+
+/// Why a job was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmitError {
+    /// `max_queue` jobs are already waiting.
+    Full,
+    /// The inference worker has stopped.
+    Closed,
+}
+
+/// The sending side of the job queue, bounded to `capacity` waiting jobs.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    tx: mpsc::Sender<Job>,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+/// The receiving side, handed to [`run_worker`].
+#[derive(Debug)]
+pub struct QueueReceiver {
+    rx: mpsc::Receiver<Job>,
+    metrics: Arc<Metrics>,
+}
+
+impl Queue {
+    /// A queue holding at most `capacity` waiting jobs; its depth is kept in `metrics.queue_depth`.
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Queue, QueueReceiver) {
+        let (tx, rx) = mpsc::channel();
+        (
+            Queue {
+                tx,
+                capacity,
+                metrics: metrics.clone(),
+            },
+            QueueReceiver { rx, metrics },
+        )
+    }
+
+    /// Enqueues a job without blocking.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        let depth = &self.metrics.queue_depth;
+        depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d < self.capacity).then_some(d + 1)
+            })
+            .map_err(|_| SubmitError::Full)?;
+        self.tx.send(job).map_err(|_| {
+            depth.fetch_sub(1, Ordering::AcqRel);
+            SubmitError::Closed
+        })
+    }
+
+    /// The configured capacity.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+/// How the worker forms batches.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchPolicy {
+    /// Most queries per generation.
+    pub max_batch_size: usize,
+    /// How long to wait for more jobs after the first job of a batch was submitted.
+    pub max_wait: Duration,
+}
+
+/// How often an idle worker checks the shutdown flag.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Serves jobs until `shutdown` is set and no job is left, or every [`Queue`] is dropped.
+pub fn run_worker<G: Generate>(
+    backend: &G,
+    queue: QueueReceiver,
+    policy: BatchPolicy,
+    shutdown: &AtomicBool,
+) {
+    let QueueReceiver { rx, metrics } = queue;
+    let mut backlog: VecDeque<Job> = VecDeque::new();
+    loop {
+        if backlog.is_empty() {
+            match rx.recv_timeout(IDLE_POLL) {
+                Ok(job) => backlog.push_back(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if shutdown.load(Ordering::Acquire) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        let batch = gather(&rx, &mut backlog, policy);
+        metrics.queue_depth.fetch_sub(batch.len(), Ordering::AcqRel);
+        run_batch(backend, batch, policy.max_batch_size, &metrics);
+    }
+}
+
+/// Takes the jobs for the next batch: those sharing the oldest job's settings, up to
+/// `max_batch_size` queries, waiting until `max_wait` after the oldest job's submission for more.
+/// Jobs with other settings stay in `backlog` for later batches, in order.
+fn gather(rx: &mpsc::Receiver<Job>, backlog: &mut VecDeque<Job>, policy: BatchPolicy) -> Vec<Job> {
+    let key = backlog[0].params;
+    let deadline = backlog[0].enqueued + policy.max_wait;
+    let queued = |backlog: &VecDeque<Job>| -> usize {
+        backlog
+            .iter()
+            .filter(|j| j.params == key)
+            .map(|j| j.inputs.len())
+            .sum()
+    };
+    // Whatever is already waiting joins without delay.
+    while queued(backlog) < policy.max_batch_size {
+        match rx.try_recv() {
+            Ok(job) => backlog.push_back(job),
+            Err(_) => break,
+        }
+    }
+    // Then wait out the rest of the window for more.
+    while queued(backlog) < policy.max_batch_size {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(job) => backlog.push_back(job),
+            Err(_) => break,
+        }
+    }
+    let mut batch = Vec::new();
+    let mut rows = 0;
+    let mut rest = VecDeque::with_capacity(backlog.len());
+    for job in backlog.drain(..) {
+        let fits = batch.is_empty() || rows + job.inputs.len() <= policy.max_batch_size;
+        if job.params == key && fits {
+            rows += job.inputs.len();
+            batch.push(job);
+        } else {
+            rest.push_back(job);
+        }
+    }
+    *backlog = rest;
+    batch
+}
+
+/// Generates for `jobs` (all with the same settings) and answers each of them.
+fn run_batch<G: Generate>(backend: &G, jobs: Vec<Job>, max_batch_size: usize, metrics: &Metrics) {
+    let now = Instant::now();
+    let mut live = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        if job.reply.is_closed() {
+            metrics.record_dropped();
+        } else if now >= job.deadline {
+            metrics.record_dropped();
+            let _ = job.reply.send(Err(JobError::Timeout));
+        } else {
+            live.push(job);
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let params = live[0].params;
+    let rows: Vec<Vec<u32>> = live.iter().flat_map(|j| j.inputs.iter().cloned()).collect();
+    let started = Instant::now();
+    match generate_chunked(backend, &rows, params, max_batch_size, metrics) {
+        Ok((outputs, batch_size)) => {
+            let inference_time = started.elapsed();
+            let mut outputs = outputs.into_iter();
+            for job in live {
+                let mine: Vec<Output> = outputs.by_ref().take(job.inputs.len()).collect();
+                let _ = job.reply.send(Ok(JobResult {
+                    outputs: mine,
+                    batch_size,
+                    queue_time: started.saturating_duration_since(job.enqueued),
+                    inference_time,
+                }));
+            }
+        }
+        Err(e) if live.len() > 1 => {
+            // Retry each job alone so that one bad request does not fail the others.
+            tracing::warn!(error = %e, jobs = live.len(), "batched generation failed; retrying the requests one by one");
+            for job in live {
+                run_batch(backend, vec![job], max_batch_size, metrics);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "generation failed");
+            for job in live {
+                let _ = job.reply.send(Err(JobError::Failed(e.clone())));
+            }
+        }
+    }
+}
+
+/// Runs `rows` in chunks of at most `max_batch_size`, catching panics; returns the outputs and
+/// the size of the largest chunk.
+fn generate_chunked<G: Generate>(
+    backend: &G,
+    rows: &[Vec<u32>],
+    params: GenParams,
+    max_batch_size: usize,
+    metrics: &Metrics,
+) -> Result<(Vec<Output>, usize), String> {
+    let mut outputs = Vec::with_capacity(rows.len());
+    let mut largest = 0;
+    for chunk in rows.chunks(max_batch_size.max(1)) {
+        let started = Instant::now();
+        let out = catch_unwind(AssertUnwindSafe(|| backend.generate(chunk, params))).map_err(
+            |payload| format!("the inference worker panicked: {}", panic_message(&payload)),
+        )??;
+        if out.len() != chunk.len() {
+            return Err(format!(
+                "generation returned {} outputs for {} inputs",
+                out.len(),
+                chunk.len()
+            ));
+        }
+        metrics.record_batch(
+            chunk.len(),
+            out.iter().map(|o| o.tokens).sum(),
+            started.elapsed(),
+        );
+        largest = largest.max(chunk.len());
+        outputs.extend(out);
+    }
+    Ok((outputs, largest))
+}
+
+pub(crate) fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Echoes the first token of each row; records batch sizes; panics on token 666, fails on 13.
+    #[derive(Default)]
+    struct Fake {
+        batches: Mutex<Vec<(usize, GenParams)>>,
+        delay: Duration,
+    }
+
+    impl Generate for Fake {
+        fn generate(&self, inputs: &[Vec<u32>], params: GenParams) -> Result<Vec<Output>, String> {
+            std::thread::sleep(self.delay);
+            self.batches.lock().unwrap().push((inputs.len(), params));
+            if inputs.iter().any(|r| r[0] == 666) {
+                panic!("boom");
+            }
+            if inputs.iter().any(|r| r[0] == 13) {
+                return Err("unlucky input".into());
+            }
+            Ok(inputs
+                .iter()
+                .map(|r| Output {
+                    keywords: vec![r[0].to_string()],
+                    text: r[0].to_string(),
+                    tokens: 1,
+                })
+                .collect())
+        }
+    }
+
+    const P: GenParams = GenParams {
+        num_beams: 5,
+        max_length: 20,
+    };
+
+    fn job(first: u32, params: GenParams) -> (Job, oneshot::Receiver<Result<JobResult, JobError>>) {
+        let (tx, rx) = oneshot::channel();
+        let now = Instant::now();
+        (
+            Job {
+                inputs: vec![vec![first, 1]],
+                params,
+                enqueued: now,
+                deadline: now + Duration::from_secs(30),
+                reply: tx,
+            },
+            rx,
+        )
+    }
+
+    fn run(fake: &Fake, jobs: Vec<Job>, policy: BatchPolicy) -> Arc<Metrics> {
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = Queue::new(100, metrics.clone());
+        for j in jobs {
+            queue.submit(j).unwrap();
+        }
+        drop(queue);
+        run_worker(fake, rx, policy, &AtomicBool::new(false));
+        metrics
+    }
+
+    fn answer(rx: oneshot::Receiver<Result<JobResult, JobError>>) -> Result<JobResult, JobError> {
+        rx.blocking_recv().expect("every job is answered")
+    }
+
+    #[test]
+    fn waiting_jobs_are_batched_and_grouped_by_settings() {
+        let fake = Fake::default();
+        let other = GenParams {
+            num_beams: 1,
+            max_length: 20,
+        };
+        let (mut jobs, mut rxs) = (Vec::new(), Vec::new());
+        for (i, p) in [P, P, other, P, other].into_iter().enumerate() {
+            let (j, r) = job(100 + i as u32, p);
+            jobs.push(j);
+            rxs.push(r);
+        }
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_wait: Duration::ZERO,
+        };
+        let metrics = run(&fake, jobs, policy);
+        assert_eq!(*fake.batches.lock().unwrap(), vec![(3, P), (2, other)]);
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let r = answer(rx).unwrap();
+            assert_eq!(
+                r.outputs[0].text,
+                (100 + i).to_string(),
+                "answers go to the right request"
+            );
+        }
+        assert_eq!(metrics.queue_depth.load(Ordering::Relaxed), 0);
+        assert_eq!(metrics.batch_sizes().count(), 2);
+    }
+
+    #[test]
+    fn batches_respect_max_batch_size_and_big_jobs_are_chunked() {
+        let fake = Fake::default();
+        let (a, ra) = job(1, P);
+        let (b, rb) = job(2, P);
+        let (mut c, rc) = job(3, P);
+        c.inputs = (0..5).map(|i| vec![50 + i, 1]).collect();
+        let policy = BatchPolicy {
+            max_batch_size: 2,
+            max_wait: Duration::ZERO,
+        };
+        run(&fake, vec![a, b, c], policy);
+        let sizes: Vec<usize> = fake.batches.lock().unwrap().iter().map(|b| b.0).collect();
+        assert_eq!(sizes, vec![2, 2, 2, 1]);
+        assert_eq!(answer(ra).unwrap().batch_size, 2);
+        assert_eq!(answer(rb).unwrap().batch_size, 2);
+        let c = answer(rc).unwrap();
+        assert_eq!(c.outputs.len(), 5);
+        assert_eq!(c.outputs[4].text, "54");
+    }
+
+    #[test]
+    fn a_panic_or_failure_only_fails_its_own_request() {
+        let fake = Fake::default();
+        let (a, ra) = job(1, P);
+        let (b, rb) = job(666, P);
+        let (c, rc) = job(13, P);
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_wait: Duration::ZERO,
+        };
+        run(&fake, vec![a, b, c], policy);
+        assert!(answer(ra).is_ok());
+        match answer(rb) {
+            Err(JobError::Failed(m)) => {
+                assert!(m.contains("panicked") && m.contains("boom"), "{m}")
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert_eq!(
+            answer(rc).unwrap_err(),
+            JobError::Failed("unlucky input".into())
+        );
+    }
+
+    #[test]
+    fn expired_and_abandoned_jobs_are_dropped_before_generation() {
+        let fake = Fake::default();
+        let (mut a, ra) = job(1, P);
+        a.deadline = Instant::now();
+        let (b, rb) = job(2, P);
+        drop(rb);
+        let (c, rc) = job(3, P);
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_wait: Duration::ZERO,
+        };
+        let metrics = run(&fake, vec![a, b, c], policy);
+        assert_eq!(answer(ra).unwrap_err(), JobError::Timeout);
+        assert!(answer(rc).is_ok());
+        assert_eq!(*fake.batches.lock().unwrap(), vec![(1, P)]);
+        assert!(metrics.render(0).contains("kb_dropped_requests_total 2"));
+    }
+
+    #[test]
+    fn the_worker_waits_for_late_jobs_within_the_window() {
+        let fake = Fake::default();
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = Queue::new(100, metrics);
+        let (a, ra) = job(1, P);
+        queue.submit(a).unwrap();
+        let q2 = queue.clone();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            let (b, rb) = job(2, P);
+            q2.submit(b).unwrap();
+            rb
+        });
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_wait: Duration::from_millis(500),
+        };
+        let shutdown = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| run_worker(&fake, rx, policy, &shutdown));
+            let rb = late.join().unwrap();
+            assert_eq!(answer(ra).unwrap().batch_size, 2);
+            assert_eq!(answer(rb).unwrap().batch_size, 2);
+            shutdown.store(true, Ordering::Release);
+        });
+        drop(queue);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_jobs() {
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = Queue::new(1, metrics.clone());
+        let (a, _ra) = job(1, P);
+        let (b, _rb) = job(2, P);
+        queue.submit(a).unwrap();
+        assert_eq!(queue.submit(b).unwrap_err(), SubmitError::Full);
+        drop(rx);
+        let (c, _rc) = job(3, P);
+        metrics.queue_depth.store(0, Ordering::Relaxed);
+        assert_eq!(queue.submit(c).unwrap_err(), SubmitError::Closed);
+        assert_eq!(metrics.queue_depth.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# Load benchmark: kb-serve against the reference Flask server (scripts/reference_server.py, what
+# the original inf_server.py did), on the same random KoBART-v1-shaped model, CPU and prompts,
+# one after the other in the same run.
+#
+# For each server: a single client for SINGLE_DURATION seconds (single-request latency), then
+# CLIENTS concurrent clients for DURATION seconds, all on POST /keyword_extract with beam BEAMS
+# and max_length MAX_LENGTH; reported: requests/s, p50/p99 latency, errors, and the server's RSS
+# when idle after loading, the largest RSS sampled under load, and the peak (VmHWM, loading included).
+# A parity check compares both servers' answers for a few prompts. The "other CPU" column is the
+# share of the machine's CPU used by other processes during each phase: figures taken while it is
+# well above 0% are disturbed (the script warns).
+#
+#   scripts/bench_serve.sh                      # 16 clients, 30 s, beam 5, max_length 32
+#   DURATION=15 SINGLE_DURATION=10 scripts/bench_serve.sh
+#
+# Environment: DURATION, SINGLE_DURATION, CLIENTS, BEAMS, MAX_LENGTH, DTYPE (kb-serve),
+# MAX_BATCH_SIZE, MAX_WAIT_MS (kb-serve), PYTHON (with torch, transformers, flask),
+# MODEL_DIR (default: target/bench/random-kobart, created if missing), OUT (results folder),
+# CARGO_TARGET_DIR, SKIP_REFERENCE=1.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+DURATION=${DURATION:-30}
+SINGLE_DURATION=${SINGLE_DURATION:-10}
+CLIENTS=${CLIENTS:-16}
+BEAMS=${BEAMS:-5}
+MAX_LENGTH=${MAX_LENGTH:-32}
+DTYPE=${DTYPE:-f32}
+MAX_BATCH_SIZE=${MAX_BATCH_SIZE:-16}
+MAX_WAIT_MS=${MAX_WAIT_MS:-5}
+PYTHON=${PYTHON:-/work/pyenv/bin/python}
+OUT=${OUT:-$ROOT/target/bench}
+MODEL_DIR=${MODEL_DIR:-$OUT/random-kobart}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+PROMPTS=$ROOT/scripts/fixture_corpus.txt
+mkdir -p "$OUT"
+
+log() { echo "[bench] $*" >&2; }
+
+# --- model -------------------------------------------------------------------------------
+if [[ ! -f $MODEL_DIR/model.safetensors ]]; then
+    log "writing a random KoBART-v1-shaped model to $MODEL_DIR"
+    if [[ -f $ROOT/scripts/make_random_kobart.py ]]; then
+        "$PYTHON" "$ROOT/scripts/make_random_kobart.py" "$MODEL_DIR"
+    else
+        "$PYTHON" - "$MODEL_DIR" "$ROOT" <<'PY'
+import shutil, sys
+from pathlib import Path
+import torch
+from transformers import BartConfig, BartForConditionalGeneration
+out, root = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
+torch.manual_seed(0)
+cfg = BartConfig(
+    vocab_size=30000, max_position_embeddings=1026, d_model=768,
+    encoder_layers=6, decoder_layers=6, encoder_attention_heads=16, decoder_attention_heads=16,
+    encoder_ffn_dim=3072, decoder_ffn_dim=3072, activation_function="gelu",
+    dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=False,
+    pad_token_id=3, bos_token_id=0, eos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=1,
+)
+model = BartForConditionalGeneration(cfg).eval()
+model.generation_config.num_beams = 5
+model.generation_config.max_length = 512
+model.save_pretrained(str(out), safe_serialization=True)
+shared = root.parent / "shared" / "kobart-tokenizer" / "tokenizer.json"
+fixture = root / "crates" / "kb-core" / "tests" / "fixtures" / "tiny-kobart" / "tokenizer.json"
+shutil.copyfile(shared if shared.exists() else fixture, out / "tokenizer.json")
+PY
+    fi
+fi
+
+# --- builds --------------------------------------------------------------------------------
+log "building kb-serve and the load generator (release)"
+(cd "$ROOT" && cargo build --release -q -p kb-serve --bin kb-serve --example loadgen)
+SERVE=$CARGO_TARGET_DIR/release/kb-serve
+LOADGEN=$CARGO_TARGET_DIR/release/examples/loadgen
+
+PID=""
+cleanup() { [[ -n $PID ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; true; }
+trap cleanup EXIT
+
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+sample_rss() { # PID SECONDS -> largest VmRSS seen (kB), sampling every 0.2 s
+    local max=0 v end=$((SECONDS + $2))
+    while ((SECONDS < end)) && kill -0 "$1" 2>/dev/null; do
+        v=$(rss_kb "$1"); ((v > max)) && max=$v
+        sleep 0.2
+    done
+    echo "$max"
+}
+
+free_port() { "$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+wait_http() { # URL, seconds
+    local i
+    for ((i = 0; i < $2 * 10; i++)); do
+        curl -fs -o /dev/null "$1" && return 0
+        kill -0 "$PID" 2>/dev/null || { log "server died"; return 1; }
+        sleep 0.1
+    done
+    log "timeout waiting for $1"; return 1
+}
+
+ask() { # BASE PROMPT -> result string (sent without a Content-Type, like the original client)
+    curl -fs -X POST "$1/keyword_extract" -H 'Content-Type:' --data-binary "$("$PYTHON" -c 'import json,sys; print(json.dumps({"prompt": sys.argv[1]}))' "$2")" \
+        | "$PYTHON" -c 'import json,sys; print(json.load(sys.stdin)["result"])'
+}
+
+# CPU time in clock ticks: busy time of the whole machine, and user+system time of one process.
+cpu_busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+cpu_of() { awk '{sub(/^.*\) /, ""); print $12 + $13}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+loadgen() { # OUT_JSON ARGS...: runs the load generator and records the share of the machine's
+    # CPU that processes other than the server and the load generator used meanwhile (> 0 means
+    # the figures are disturbed by other work on the machine).
+    local out=$1 busy0 srv0 lg start
+    shift
+    busy0=$(cpu_busy); srv0=$(cpu_of "$PID"); start=$(date +%s.%N)
+    "$LOADGEN" "$@" >"$out" &
+    lg=$!
+    local lgcpu=0 v
+    while kill -0 "$lg" 2>/dev/null; do v=$(cpu_of "$lg"); ((v > lgcpu)) && lgcpu=$v; sleep 0.2; done
+    wait "$lg"
+    "$PYTHON" - "$out" "$busy0" "$(cpu_busy)" "$srv0" "$(cpu_of "$PID")" "$lgcpu" "$start" "$(date +%s.%N)" "$(getconf CLK_TCK)" "$(nproc)" <<'PY'
+import json, sys
+path, b0, b1, s0, s1, lg, t0, t1, hz, n = sys.argv[1:]
+r = json.load(open(path))
+other = (float(b1) - float(b0)) - (float(s1) - float(s0)) - float(lg)
+r["other_cpu_share"] = max(0.0, other / (float(hz) * int(n) * (float(t1) - float(t0))))
+json.dump(r, open(path, "w"))
+PY
+}
+
+run_load() { # NAME BASE
+    local name=$1 base=$2 idle load_max
+    idle=$(rss_kb "$PID")
+    log "$name: 1 client for ${SINGLE_DURATION}s"
+    loadgen "$OUT/$name-single.json" --url "$base" --clients 1 --duration "$SINGLE_DURATION" --prompts "$PROMPTS" --label "$name-single"
+    log "$name: $CLIENTS clients for ${DURATION}s"
+    sample_rss "$PID" "$DURATION" >"$OUT/$name-rss-samples" &
+    local sampler=$!
+    loadgen "$OUT/$name-load.json" --url "$base" --clients "$CLIENTS" --duration "$DURATION" --prompts "$PROMPTS" --label "$name-load"
+    wait "$sampler"
+    load_max=$(cat "$OUT/$name-rss-samples")
+    awk -v idle="$idle" -v load="$load_max" '/VmHWM/ {p=$2} END {printf "{\"idle_rss_mb\": %.0f, \"load_rss_mb\": %.0f, \"peak_rss_mb\": %.0f}", idle/1024, load/1024, p/1024}' "/proc/$PID/status" >"$OUT/$name-rss.json"
+}
+
+PARITY_PROMPTS=$(head -n 5 "$PROMPTS" | cut -f1)
+
+# --- kb-serve ------------------------------------------------------------------------------
+log "starting kb-serve"
+"$SERVE" --model "$MODEL_DIR" --port 0 --num_beams "$BEAMS" --max_length "$MAX_LENGTH" --dtype "$DTYPE" \
+    --max_batch_size "$MAX_BATCH_SIZE" --max_wait_ms "$MAX_WAIT_MS" >"$OUT/kb-serve.stdout" 2>"$OUT/kb-serve.log" &
+PID=$!
+for _ in $(seq 600); do grep -q 'listening on' "$OUT/kb-serve.stdout" 2>/dev/null && break; sleep 0.1; done
+BASE=$(sed -n 's/^listening on //p' "$OUT/kb-serve.stdout")
+wait_http "$BASE/ready" 300
+: >"$OUT/kb-serve-answers.txt"
+while IFS= read -r p; do ask "$BASE" "$p" >>"$OUT/kb-serve-answers.txt"; done <<<"$PARITY_PROMPTS"
+run_load kb-serve "$BASE"
+curl -fs "$BASE/metrics" >"$OUT/kb-serve-metrics.txt" || true
+kill -TERM "$PID"; wait "$PID"; log "kb-serve exited with $?"; PID=""
+
+# --- reference -----------------------------------------------------------------------------
+if [[ ${SKIP_REFERENCE:-0} != 1 ]]; then
+    PORT=$(free_port)
+    log "starting the reference server on port $PORT"
+    "$PYTHON" "$ROOT/scripts/reference_server.py" --model "$MODEL_DIR" --port "$PORT" \
+        --num_beams "$BEAMS" --max_length "$MAX_LENGTH" >"$OUT/reference.log" 2>&1 &
+    PID=$!
+    REF=http://127.0.0.1:$PORT
+    wait_http "$REF/health" 300
+    : >"$OUT/reference-answers.txt"
+    while IFS= read -r p; do ask "$REF" "$p" >>"$OUT/reference-answers.txt"; done <<<"$PARITY_PROMPTS"
+    run_load reference "$REF"
+    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+fi
+
+# --- report --------------------------------------------------------------------------------
+"$PYTHON" - "$OUT" "$CLIENTS" "$DURATION" "$SINGLE_DURATION" "$BEAMS" "$MAX_LENGTH" "$DTYPE" <<'PY'
+import json, os, sys
+out, clients, duration, single, beams, max_length, dtype = sys.argv[1:]
+def load(name):
+    path = os.path.join(out, name)
+    return json.load(open(path)) if os.path.exists(path) else None
+rows = []
+for name in ["kb-serve", "reference"]:
+    s, l, r = load(f"{name}-single.json"), load(f"{name}-load.json"), load(f"{name}-rss.json")
+    if not l:
+        continue
+    rows.append((name, s, l, r))
+print(f"\nPOST /keyword_extract, beam {beams}, max_length {max_length}, kb-serve dtype {dtype}, "
+      f"{os.cpu_count()} CPUs; single client {single}s, then {clients} clients {duration}s\n")
+hdr = (f"| server | 1 client: req/s | p50 (ms) | {clients} clients: req/s | done | p50 (ms) | p99 (ms) | "
+       f"p99/p50 | p99/1-client p50 | errors | RSS idle / under load / peak (MB) | other CPU |")
+print(hdr)
+print("|" + "---|" * (hdr.count("|") - 1))
+nan = float("nan")
+for name, s, l, r in rows:
+    sp50 = s["p50_ms"] if s and s["p50_ms"] is not None else nan
+    p50 = l["p50_ms"] if l["p50_ms"] is not None else nan
+    p99 = l["p99_ms"] if l["p99_ms"] is not None else nan
+    print(f"| {name} | {s['rps'] if s else nan:.3f} | {sp50:.0f} | {l['rps']:.3f} | {l['ok']} | {p50:.0f} | {p99:.0f} | "
+          f"{p99 / p50:.2f} | {p99 / sp50:.2f} | {l['errors']} | "
+          f"{r['idle_rss_mb']:.0f} / {r['load_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} | "
+          f"{100 * (s or {}).get('other_cpu_share', nan):.0f}% / {100 * l.get('other_cpu_share', nan):.0f}% |")
+if len(rows) == 2:
+    k, ref = rows[0][2], rows[1][2]
+    if ref["rps"] > 0:
+        print(f"\nthroughput: kb-serve {k['rps'] / ref['rps']:.1f}x the reference")
+    a = open(os.path.join(out, "kb-serve-answers.txt")).read().splitlines()
+    b = open(os.path.join(out, "reference-answers.txt")).read().splitlines()
+    same = sum(x == y for x, y in zip(a, b))
+    print(f"parity: {same}/{len(a)} prompts answered identically by both servers")
+metrics = os.path.join(out, "kb-serve-metrics.txt")
+if os.path.exists(metrics):
+    m = {}
+    for line in open(metrics):
+        if line.startswith("kb_batch_size_") and not line.startswith("kb_batch_size_bucket"):
+            k, v = line.split()
+            m[k] = float(v)
+    if m.get("kb_batch_size_count"):
+        print(f"kb-serve batches: {m['kb_batch_size_count']:.0f}, mean size {m['kb_batch_size_sum'] / m['kb_batch_size_count']:.1f} queries")
+for name, s, l, _ in rows:
+    for phase, r in [("1 client", s), (f"{clients} clients", l)]:
+        if r and r.get("other_cpu_share", 0) > 0.05:
+            print(f"WARNING: other processes used {100 * r['other_cpu_share']:.0f}% of the CPU during {name}'s {phase} phase")
+for name, _, l, _ in rows:
+    if l["error_samples"]:
+        print(f"{name} errors: {l['error_samples']}")
+PY
