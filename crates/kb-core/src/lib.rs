@@ -17,12 +17,14 @@
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod generation;
 pub mod keywords;
 pub mod model;
 pub mod pipeline;
 pub mod source;
+pub mod synonyms;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

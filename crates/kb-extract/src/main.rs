@@ -82,6 +82,11 @@ struct Args {
     /// the input order).
     #[arg(long = "batch_size", alias = "batch-size", default_value_t = 16)]
     batch_size: usize,
+    /// Synonyms file (`canonical<TAB>variant…` lines, see configs/synonyms.tsv): keywords that
+    /// are listed variants are replaced by their canonical term, then repeats are removed
+    /// (`text` stays the generated text).
+    #[arg(long, value_name = "FILE")]
+    synonyms: Option<std::path::PathBuf>,
 }
 
 fn main() {
@@ -108,6 +113,11 @@ fn run(args: Args) -> Result<()> {
         !queries.is_empty(),
         "no queries: pass them as arguments or with --input FILE (see --help)"
     );
+    let synonyms = args
+        .synonyms
+        .as_deref()
+        .map(kb_core::synonyms::Synonyms::read)
+        .transpose()?;
     let device = parse_device(&args.device)?;
     let model = KeywordModel::load(&args.model, args.dtype, &device)
         .with_context(|| format!("cannot load model {}", args.model))?;
@@ -160,7 +170,10 @@ fn run(args: Args) -> Result<()> {
     for chunk in order.chunks(args.batch_size) {
         let batch: Vec<&str> = chunk.iter().map(|&i| refs[i]).collect();
         let out = model.extract(&batch, &gen, args.max_input_tokens)?;
-        for (&i, r) in chunk.iter().zip(out) {
+        for (&i, mut r) in chunk.iter().zip(out) {
+            if let Some(syn) = &synonyms {
+                r.keywords = syn.apply(&r.keywords);
+            }
             results[i] = Some(r);
         }
         bar.inc(chunk.len() as u64);

@@ -127,3 +127,61 @@ fn bad_inputs_give_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("int8"));
 }
+
+#[test]
+fn synonyms_map_keywords_to_their_canonical_term() {
+    let model = fixture("tiny-kobart");
+    let model = model.to_str().unwrap();
+    let base = [
+        "--model",
+        model,
+        "--num_beams",
+        "2",
+        "--max_length",
+        "12",
+        "--format",
+        "jsonl",
+        "이사화물 통관예약을 하면 뭐가 좋나요?",
+        "인천공항세관은 어디에 있나요?",
+    ];
+    let parse = |out: &std::process::Output| -> Vec<serde_json::Value> {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let plain = parse(&kb_extract(&base));
+    let first = |r: &serde_json::Value| r["keywords"][0].as_str().unwrap().to_string();
+    let (k0, k1) = (first(&plain[0]), first(&plain[1]));
+    // The random fixture model's first keywords become variants of one canonical term.
+    let mut line = format!("정규형\t{k0}");
+    if k1.to_lowercase() != k0.to_lowercase() {
+        line.push_str(&format!("\t{k1}"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let syn = dir.path().join("syn.tsv");
+    std::fs::write(&syn, format!("# test\n{line}\n")).unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--synonyms", syn.to_str().unwrap()]);
+    let mapped = parse(&kb_extract(&args));
+    for (p, m) in plain.iter().zip(&mapped) {
+        if first(p) == k0 || first(p) == k1 {
+            assert_eq!(first(m), "정규형");
+        }
+        assert_eq!(p["text"], m["text"], "text stays the generated text");
+        let n = m["keywords"].as_array().unwrap();
+        assert_eq!(n.iter().filter(|k| *k == "정규형").count(), 1);
+    }
+
+    // A malformed file is refused with its name and line.
+    std::fs::write(&syn, "a\tb\nc\n").unwrap();
+    let out = kb_extract(&args);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("syn.tsv: line 2:"), "{e}");
+}

@@ -3,7 +3,8 @@
 
 use std::time::Instant;
 
-use kb_core::keywords::split_keywords;
+use kb_core::keywords::{join_keywords, split_keywords};
+use kb_core::synonyms::Synonyms;
 use kb_core::{GenerationConfig, KeywordModel, KoTokenizer};
 
 use crate::cli::Args;
@@ -41,6 +42,7 @@ pub trait Generate {
 pub struct Backend {
     model: KeywordModel,
     base: GenerationConfig,
+    synonyms: Option<Synonyms>,
 }
 
 impl Backend {
@@ -50,7 +52,17 @@ impl Backend {
         let model = KeywordModel::load(&args.model, args.dtype, &device)
             .map_err(|e| anyhow::anyhow!("cannot load model `{}`: {e}", args.model))?;
         let base = model.generation.clone();
-        Ok(Self { model, base })
+        let synonyms = args
+            .synonyms
+            .as_deref()
+            .map(Synonyms::read)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--synonyms: {e}"))?;
+        Ok(Self {
+            model,
+            base,
+            synonyms,
+        })
     }
 
     /// Works out the limits and defaults for this model and the given options.
@@ -129,13 +141,28 @@ impl Generate for Backend {
                     .tokenizer
                     .decode(&g.ids)
                     .map_err(|e| e.to_string())?;
+                let (keywords, text) = answer(text, self.synonyms.as_ref());
                 Ok(Output {
-                    keywords: split_keywords(&text),
+                    keywords,
                     text,
                     tokens: g.ids.len(),
                 })
             })
             .collect()
+    }
+}
+
+/// The keywords of generated `text`, and the text to answer: unchanged without synonyms; with
+/// them, keywords mapped to their canonical terms (repeats removed) and the text re-joined.
+fn answer(text: String, synonyms: Option<&Synonyms>) -> (Vec<String>, String) {
+    let keywords = split_keywords(&text);
+    match synonyms {
+        None => (keywords, text),
+        Some(s) => {
+            let mapped = s.apply(&keywords);
+            let text = join_keywords(&mapped);
+            (mapped, text)
+        }
     }
 }
 
@@ -224,5 +251,26 @@ impl ModelInfo {
                 Ok(ids)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synonyms_map_the_answer() {
+        let text = "직구 , 통관번호, 해외직구, 관세".to_string();
+        let (k, t) = answer(text.clone(), None);
+        assert_eq!(k, ["직구", "통관번호", "해외직구", "관세"]);
+        assert_eq!(t, text);
+        let s = Synonyms::parse(
+            "해외직구\t직구\n개인통관고유부호\t통관번호\n",
+            std::path::Path::new("s.tsv"),
+        )
+        .unwrap();
+        let (k, t) = answer(text, Some(&s));
+        assert_eq!(k, ["해외직구", "개인통관고유부호", "관세"]);
+        assert_eq!(t, "해외직구, 개인통관고유부호, 관세");
     }
 }

@@ -136,6 +136,12 @@ pub struct Args {
     )]
     pub cors_origin: Vec<String>,
 
+    /// Synonyms file (`canonical<TAB>variant…` lines, see configs/synonyms.tsv). When set,
+    /// keywords that are listed variants are answered as their canonical term, repeats are
+    /// removed, and `text` (and the seed route's `result`) is the mapped keywords joined by ", ".
+    #[arg(long, env = "KB_SYNONYMS", value_name = "FILE")]
+    pub synonyms: Option<std::path::PathBuf>,
+
     /// Log format on stderr.
     #[arg(long = "log_format", alias = "log-format", env = "KB_LOG_FORMAT", value_enum,
           default_value_t = LogFormat::Text)]
@@ -164,6 +170,9 @@ impl Args {
                     "--cors_origin {origin:?} is not a valid header value"
                 ));
             }
+        }
+        if let Some(path) = &self.synonyms {
+            kb_core::synonyms::Synonyms::read(path).map_err(|e| format!("--synonyms: {e}"))?;
         }
         if let Some(key) = &self.api_key {
             if key.is_empty() {
@@ -235,6 +244,22 @@ mod tests {
         assert!(a.validate().unwrap_err().contains("--max_num_beams"));
         let a = Args::try_parse_from(["kb-serve", "--model", "m", "--max_length", "1"]).unwrap();
         assert!(a.validate().unwrap_err().contains("--max_length"));
+        let dir = tempfile::tempdir().unwrap();
+        let syn = dir.path().join("syn.tsv");
+        std::fs::write(&syn, "a\tb\nc\n").unwrap();
+        let a = Args::try_parse_from([
+            "kb-serve",
+            "--model",
+            "m",
+            "--synonyms",
+            syn.to_str().unwrap(),
+        ])
+        .unwrap();
+        let e = a.validate().unwrap_err();
+        assert!(
+            e.contains("--synonyms") && e.contains("syn.tsv: line 2:"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -247,6 +272,7 @@ mod tests {
             "KB_NUM_BEAMS",
             "KB_API_KEY",
             "KB_MAX_WAIT_MS",
+            "KB_SYNONYMS",
         ] {
             assert!(help.contains(var), "{var} missing from --help");
         }

@@ -811,3 +811,34 @@ async fn an_unloadable_model_exits_with_an_error_naming_it() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn synonyms_map_answers_to_canonical_terms() {
+    // What the random fixture model answers without synonyms...
+    let plain = Server::start(&[]).await;
+    let v1 = post_json(&plain, "/v1/keywords", &json!({"query": LONG_QUERY})).await;
+    assert_eq!(v1.status, 200);
+    let first = v1.json["results"][0]["keywords"][0]
+        .as_str()
+        .expect("the fixture model answers at least one keyword")
+        .to_string();
+    drop(plain);
+    // ...becomes a variant of a canonical term, set through KB_SYNONYMS.
+    let dir = tempfile::tempdir().unwrap();
+    let syn = dir.path().join("syn.tsv");
+    std::fs::write(&syn, format!("# test\n정규형\t{first}\n")).unwrap();
+    let server = Server::start_env(&[], &[("KB_SYNONYMS", syn.to_str().unwrap())]).await;
+    let v1 = post_json(&server, "/v1/keywords", &json!({"query": LONG_QUERY})).await;
+    assert_eq!(v1.status, 200);
+    let r = &v1.json["results"][0];
+    assert_eq!(r["keywords"][0], "정규형");
+    let keywords: Vec<String> = r["keywords"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(r["text"], kb_core::keywords::join_keywords(&keywords));
+    let seed = post_json(&server, "/keyword_extract", &json!({"prompt": LONG_QUERY})).await;
+    assert_eq!(seed.json["result"], r["text"]);
+}
