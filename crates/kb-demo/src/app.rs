@@ -114,7 +114,10 @@ fn upstream_error(st: &AppState, e: &reqwest::Error, limit: Duration) -> Respons
 
 /// `POST /api/keywords` `{"query": "…"}`: checks the sentence and forwards it to kb-serve's
 /// `POST /v1/keywords`; kb-serve's JSON answer comes back with its status.
-pub async fn keywords(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn keywords(
+    State(st): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -288,7 +291,10 @@ async fn favicon() -> Response {
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
-    error(StatusCode::NOT_FOUND, format!("no route for {}", uri.path()))
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no route for {}", uri.path()),
+    )
 }
 
 async fn method_not_allowed() -> Response {
@@ -330,10 +336,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/static/style.css", get(style_css))
         .route("/favicon.svg", get(favicon))
         .route("/favicon.ico", get(favicon))
-        .route(
-            "/api/keywords",
-            post(keywords).fallback(method_not_allowed),
-        )
+        .route("/api/keywords", post(keywords).fallback(method_not_allowed))
         .route("/api/ready", get(ready).fallback(method_not_allowed))
         .route("/health", get(health))
         .fallback(not_found)

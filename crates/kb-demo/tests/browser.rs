@@ -4,7 +4,8 @@
 //!
 //! Skipped (with a message) when Chromium or chromedriver is not installed; on Debian:
 //! `apt-get install -y chromium chromium-driver`. `KB_DEMO_CHROMIUM` and
-//! `KB_DEMO_CHROMEDRIVER` point at other binaries.
+//! `KB_DEMO_CHROMEDRIVER` point at other binaries; `KB_DEMO_TEST_MODEL` runs kb-serve on another
+//! model folder than the tiny fixture (for screenshots with real keywords).
 
 mod common;
 
@@ -142,10 +143,33 @@ async fn wait_for(c: &Client, what: &str, expr: &str) {
 }
 
 async fn count(c: &Client, css: &str) -> u64 {
-    js(c, &format!("return document.querySelectorAll({css:?}).length;"))
-        .await
-        .as_u64()
-        .unwrap_or(0)
+    js(
+        c,
+        &format!("return document.querySelectorAll({css:?}).length;"),
+    )
+    .await
+    .as_u64()
+    .unwrap_or(0)
+}
+
+/// Resizes the window so that the page's viewport is `width` x `height` CSS pixels.
+async fn set_viewport(c: &Client, width: i64, height: i64) {
+    let (mut w, mut h) = (width, height);
+    for _ in 0..3 {
+        c.set_window_size(w as u32, h as u32).await.expect("resize");
+        let inner = js(c, "return [window.innerWidth, window.innerHeight];").await;
+        let (iw, ih) = (
+            inner[0].as_i64().unwrap_or(0),
+            inner[1].as_i64().unwrap_or(0),
+        );
+        if (iw, ih) == (width, height) {
+            return;
+        }
+        w += width - iw;
+        h += height - ih;
+    }
+    let inner = js(c, "return [window.innerWidth, window.innerHeight];").await;
+    panic!("cannot get a {width}x{height} viewport (got {inner})");
 }
 
 async fn screenshot(c: &Client, name: &str) -> PathBuf {
@@ -186,7 +210,10 @@ async fn chat_in_headless_chromium() {
         );
         return;
     };
-    let serve = KbServe::start().await;
+    let serve = match std::env::var("KB_DEMO_TEST_MODEL") {
+        Ok(model) => KbServe::start_model(&model).await,
+        Err(_) => KbServe::start().await,
+    };
     let demo = Demo::start(&serve.base, &[]);
     let driver = Driver::start(&driver_bin).await;
     let profile = tempfile::tempdir().expect("profile folder");
@@ -204,14 +231,24 @@ async fn chat_in_headless_chromium() {
 }
 
 async fn scenario(c: Client, base: String, mut serve: KbServe) {
+    set_viewport(&c, 1280, 800).await;
     open(&c, &base).await;
 
     // The original page's texts, labelled controls, readiness.
     assert_eq!(c.title().await.unwrap(), "KoBART Keyword Extract");
-    let h1 = c.find(Locator::Css("h1")).await.unwrap().text().await.unwrap();
+    let h1 = c
+        .find(Locator::Css("h1"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert_eq!(h1, "KoBART Keyword Extract");
     let greeting = c.find(Locator::Css(".greeting .bubble p")).await.unwrap();
-    assert_eq!(greeting.text().await.unwrap(), "문장 입력시 keyword를 추출해드립니다.");
+    assert_eq!(
+        greeting.text().await.unwrap(),
+        "문장 입력시 keyword를 추출해드립니다."
+    );
     let input = c.find(Locator::Id("prompt")).await.unwrap();
     assert_eq!(
         input.attr("placeholder").await.unwrap().as_deref(),
@@ -224,10 +261,20 @@ async fn scenario(c: Client, base: String, mut serve: KbServe) {
     )
     .await;
     assert_eq!(labelled, true, "every control has a label");
-    wait_for(&c, "the ready badge", "document.getElementById('status').dataset.state === 'ready'").await;
+    wait_for(
+        &c,
+        "the ready badge",
+        "document.getElementById('status').dataset.state === 'ready'",
+    )
+    .await;
 
     // Keyboard only: the prompt has focus, Tab goes to the send button.
-    wait_for(&c, "focus on the prompt", "document.activeElement.id === 'prompt'").await;
+    wait_for(
+        &c,
+        "focus on the prompt",
+        "document.activeElement.id === 'prompt'",
+    )
+    .await;
     input.send_keys(TAB).await.unwrap();
     wait_for(&c, "focus on send", "document.activeElement.id === 'send'").await;
     input.click().await.unwrap();
@@ -242,7 +289,11 @@ async fn scenario(c: Client, base: String, mut serve: KbServe) {
          return [a.defaultPrevented, b.defaultPrevented, p.value, document.querySelectorAll('.msg.user').length];",
     )
     .await;
-    assert_eq!(ime, json!([false, false, "한", 0]), "a composing Enter sent something");
+    assert_eq!(
+        ime,
+        json!([false, false, "한", 0]),
+        "a composing Enter sent something"
+    );
 
     // Shift+Enter makes a new line, and sends nothing.
     input.clear().await.unwrap();
@@ -264,7 +315,11 @@ async fn scenario(c: Client, base: String, mut serve: KbServe) {
     )
     .await;
     ask(&c, QUESTION, 1).await;
-    assert_eq!(js(&c, "return window.sawSpinner;").await, true, "no spinner");
+    assert_eq!(
+        js(&c, "return window.sawSpinner;").await,
+        true,
+        "no spinner"
+    );
     let user = c.find(Locator::Css(".msg.user .query")).await.unwrap();
     assert_eq!(user.text().await.unwrap(), QUESTION);
     let expected = common::post(
@@ -281,7 +336,10 @@ async fn scenario(c: Client, base: String, mut serve: KbServe) {
     .await;
     assert_eq!(&tags, &expected["keywords"], "tags are the keywords");
     let raw = c.find(Locator::Css(".msg.answer .raw-text")).await.unwrap();
-    assert_eq!(raw.text().await.unwrap(), expected["text"].as_str().unwrap());
+    assert_eq!(
+        raw.text().await.unwrap(),
+        expected["text"].as_str().unwrap()
+    );
     let latency = c.find(Locator::Css(".msg.answer .latency")).await.unwrap();
     assert!(latency.text().await.unwrap().contains("응답 시간"));
     assert_eq!(count(&c, ".msg.error").await, 0);
@@ -311,26 +369,36 @@ async fn scenario(c: Client, base: String, mut serve: KbServe) {
     wait_for(&c, "the page", "document.readyState === 'complete'").await;
     assert_eq!(count(&c, ".msg.user").await, 2, "history lost on reload");
     assert_eq!(count(&c, ".msg.answer").await, 2);
-    assert_eq!(count(&c, ".tag").await as usize, tags.as_array().unwrap().len() + {
-        let second = js(&c, "return document.querySelectorAll('.msg.answer')[1].querySelectorAll('.tag').length;").await;
-        second.as_u64().unwrap() as usize
-    });
+    assert_eq!(
+        count(&c, ".tag").await as usize,
+        tags.as_array().unwrap().len()
+            + {
+                let second = js(&c, "return document.querySelectorAll('.msg.answer')[1].querySelectorAll('.tag').length;").await;
+                second.as_u64().unwrap() as usize
+            }
+    );
 
-    // Phone width: nothing overflows sideways.
-    c.set_window_size(390, 844).await.unwrap();
-    wait_for(&c, "the phone width", "window.innerWidth <= 400").await;
+    // Phone width (390x844): nothing overflows sideways.
+    set_viewport(&c, 390, 844).await;
     let overflow = js(
         &c,
-        "return document.documentElement.scrollWidth - window.innerWidth;",
+        "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
     )
     .await;
-    assert!(overflow.as_i64().unwrap_or(1) <= 0, "horizontal overflow: {overflow}");
+    assert!(
+        overflow.as_i64().unwrap_or(1) <= 0,
+        "horizontal overflow: {overflow}"
+    );
     screenshot(&c, "phone.png").await;
-    c.set_window_size(1280, 800).await.unwrap();
-    wait_for(&c, "the desktop width", "window.innerWidth > 1000").await;
+    set_viewport(&c, 1280, 800).await;
 
     // Reset clears the history, also across a reload.
-    c.find(Locator::Id("reset")).await.unwrap().click().await.unwrap();
+    c.find(Locator::Id("reset"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     assert_eq!(count(&c, ".msg.user").await, 0);
     assert_eq!(count(&c, ".msg.greeting").await, 1);
     c.refresh().await.unwrap();
@@ -345,11 +413,18 @@ async fn scenario(c: Client, base: String, mut serve: KbServe) {
     // kb-serve down: the original error message, and the badge says so.
     serve.stop().await;
     ask(&c, QUESTION, 1).await;
-    let error = c.find(Locator::Css(".msg.error .error-message")).await.unwrap();
+    let error = c
+        .find(Locator::Css(".msg.error .error-message"))
+        .await
+        .unwrap();
     assert_eq!(error.text().await.unwrap(), ERROR_MESSAGE);
-    wait_for(&c, "the offline badge", "document.getElementById('status').dataset.state === 'offline'").await;
+    wait_for(
+        &c,
+        "the offline badge",
+        "document.getElementById('status').dataset.state === 'offline'",
+    )
+    .await;
     screenshot(&c, "desktop-error.png").await;
-    c.set_window_size(390, 844).await.unwrap();
-    wait_for(&c, "the phone width", "window.innerWidth <= 400").await;
+    set_viewport(&c, 390, 844).await;
     screenshot(&c, "phone-error.png").await;
 }

@@ -38,13 +38,19 @@ async fn serves_the_embedded_page_and_assets() {
     assert!(css.header("content-type").starts_with("text/css"));
     assert!(css.text.contains("Noto Sans KR") && css.text.contains("Malgun Gothic"));
     let icon = get(&demo.url("/favicon.svg")).await;
-    assert_eq!((icon.status, icon.header("content-type")), (200, "image/svg+xml"));
+    assert_eq!(
+        (icon.status, icon.header("content-type")),
+        (200, "image/svg+xml")
+    );
 
     let missing = get(&demo.url("/nope")).await;
     assert_eq!(missing.status, 404);
     assert!(missing.error().contains("/nope"));
     let health = get(&demo.url("/health")).await;
-    assert_eq!((health.status, health.json()["status"].as_str()), (200, Some("ok")));
+    assert_eq!(
+        (health.status, health.json()["status"].as_str()),
+        (200, Some("ok"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,7 +61,10 @@ async fn proxies_keywords_and_readiness_to_kb_serve() {
     let ready = get(&demo.url("/api/ready")).await;
     assert_eq!(ready.status, 200, "{}", ready.text);
     assert_eq!(ready.json()["ready"], true);
-    assert!(ready.json()["model"].as_str().unwrap().contains("tiny-kobart"));
+    assert!(ready.json()["model"]
+        .as_str()
+        .unwrap()
+        .contains("tiny-kobart"));
 
     let query = "이사화물 통관예약을 하면 뭐가 좋나요?";
     let body = serde_json::json!({ "query": format!("  {query}\n") }).to_string();
@@ -133,7 +142,11 @@ async fn bad_input_gets_json_errors() {
         ("{}", 400, "missing field `query`"),
         (r#"{"query": 3}"#, 400, "must be a string"),
         (r#"{"query": "   "}"#, 422, "is empty"),
-        (r#"{"query": "가나다라마바사아자차카"}"#, 422, "--max_query_chars"),
+        (
+            r#"{"query": "가나다라마바사아자차카"}"#,
+            422,
+            "--max_query_chars",
+        ),
         ("{\"query\": \"\u{0}\"", 400, "invalid JSON"),
     ];
     for (body, status, needle) in cases {

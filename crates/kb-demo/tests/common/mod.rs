@@ -40,9 +40,14 @@ pub struct KbServe {
 }
 
 impl KbServe {
-    /// Starts kb-serve on a free port and waits until `/ready` answers 200.
+    /// Starts kb-serve on the fixture model on a free port and waits until `/ready` answers 200.
     pub async fn start() -> KbServe {
-        let args = kb_serve::Args::try_parse_from(["kb-serve", "--model", MODEL, "--port", "0"])
+        Self::start_model(MODEL).await
+    }
+
+    /// Like [`KbServe::start`] with another model folder.
+    pub async fn start_model(model: &str) -> KbServe {
+        let args = kb_serve::Args::try_parse_from(["kb-serve", "--model", model, "--port", "0"])
             .expect("kb-serve options");
         let metrics = Arc::new(Metrics::default());
         let (queue, receiver) = Queue::new(args.max_queue, metrics.clone());
@@ -85,7 +90,7 @@ impl KbServe {
             stop_worker,
             worker: Some(worker),
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             if let Ok(r) = client().get(format!("{}/ready", server.base)).send().await {
                 if r.status() == 200 {
