@@ -18,7 +18,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
 const QUESTION: &str = "이사화물 통관예약을 하면 뭐가 좋나요?";
-const SECOND_QUESTION: &str = "제주도 여행 일정과 맛집을 추천해 주세요";
+const SECOND_QUESTION: &str = "직구로 캠핑용품 사면 관세 내야 하나요?";
 const ENTER: &str = "\u{E007}";
 const SHIFT: &str = "\u{E008}";
 const TAB: &str = "\u{E004}";
