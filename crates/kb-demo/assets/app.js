@@ -130,7 +130,7 @@
       log.appendChild(userMessage(entry));
       if (entry.done !== false) log.appendChild(answerMessage(entry));
     });
-    resetButton.disabled = history.length === 0 && !busy;
+    resetButton.disabled = history.length === 0 || busy;
   }
 
   function scrollToEnd() {
@@ -184,6 +184,7 @@
     if (!query || busy) return;
     var entry = { query: query, at: new Date().toISOString(), done: false };
     history.push(entry);
+    saveHistory(); // the question survives a reload even before its answer comes
     input.value = '';
     autosize();
     setBusy(true);
@@ -280,10 +281,11 @@
     });
   }
 
-  // An interrupted request (page closed mid-way) leaves no answer: show it as failed.
+  // A request interrupted by a reload or a closed tab has no answer: show it as failed.
   history.forEach(function (e) {
     if (e.done === false) { delete e.done; e.error = '요청이 완료되지 않았습니다.'; }
   });
+  saveHistory();
   render();
   scrollToEnd();
   checkReady();

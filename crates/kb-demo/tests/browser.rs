@@ -393,13 +393,22 @@ async fn scenario(c: Client, base: String, mut serve: KbServe) {
     set_viewport(&c, 1280, 800).await;
 
     // Reset clears the history, also across a reload.
-    c.find(Locator::Id("reset"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    assert_eq!(count(&c, ".msg.user").await, 0);
+    // (with the keyboard: Enter on the focused button)
+    let reset = c.find(Locator::Id("reset")).await.unwrap();
+    js(&c, "document.getElementById('reset').focus();").await;
+    reset.send_keys(ENTER).await.unwrap();
+    wait_for(
+        &c,
+        "the reset",
+        "document.querySelectorAll('.msg.user').length === 0",
+    )
+    .await;
+    wait_for(
+        &c,
+        "focus back on the prompt",
+        "document.activeElement.id === 'prompt'",
+    )
+    .await;
     assert_eq!(count(&c, ".msg.greeting").await, 1);
     c.refresh().await.unwrap();
     wait_for(&c, "the page", "document.readyState === 'complete'").await;
