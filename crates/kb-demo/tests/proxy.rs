@@ -98,6 +98,20 @@ async fn proxies_keywords_and_readiness_to_kb_serve() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_the_api_key_of_kb_serve() {
+    let serve = KbServe::start_with(common::MODEL, &["--api_key", "s3cret"]).await;
+    let body = r#"{"query": "직구로 캠핑용품 사면 관세 내야 하나요?"}"#;
+    let without = Demo::start(&serve.base, &[]);
+    let ans = post(&without.url("/api/keywords"), body).await;
+    assert_eq!(ans.status, 401, "{}", ans.text);
+    assert!(ans.error().contains("API key"));
+    let with = Demo::start(&serve.base, &["--api-key", "s3cret"]);
+    let ans = post(&with.url("/api/keywords"), body).await;
+    assert_eq!(ans.status, 200, "{}", ans.text);
+    assert!(ans.json()["results"][0]["keywords"].is_array());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_down_is_a_502_json_error() {
     let dead = dead_server();
     let demo = Demo::start(&dead, &[]);

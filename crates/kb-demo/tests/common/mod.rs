@@ -47,8 +47,14 @@ impl KbServe {
 
     /// Like [`KbServe::start`] with another model folder.
     pub async fn start_model(model: &str) -> KbServe {
-        let args = kb_serve::Args::try_parse_from(["kb-serve", "--model", model, "--port", "0"])
-            .expect("kb-serve options");
+        Self::start_with(model, &[]).await
+    }
+
+    /// Like [`KbServe::start`] with another model folder and extra kb-serve options.
+    pub async fn start_with(model: &str, extra: &[&str]) -> KbServe {
+        let base = ["kb-serve", "--model", model, "--port", "0"];
+        let args =
+            kb_serve::Args::try_parse_from(base.iter().chain(extra)).expect("kb-serve options");
         let metrics = Arc::new(Metrics::default());
         let (queue, receiver) = Queue::new(args.max_queue, metrics.clone());
         let state: SharedState = Arc::new(AppState::new(&args, queue, metrics));
