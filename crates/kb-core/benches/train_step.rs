@@ -74,9 +74,15 @@ fn main() {
     if epoch {
         // An epoch over data/train.tsv as kb-train runs it (batches padded to their longest row,
         // length bucketing), timed on an evenly spaced sample of its batches and extrapolated.
-        let lengths: Vec<usize> = encoded.iter().map(|e| e.input_ids.len() + e.labels.len()).collect();
+        let lengths: Vec<usize> = encoded
+            .iter()
+            .map(|e| e.input_ids.len() + e.labels.len())
+            .collect();
         let plan = epoch_batches(&lengths, 8, 42, 0, true);
-        let sample: usize = std::env::var("KB_BENCH_EPOCH_SAMPLE").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+        let sample: usize = std::env::var("KB_BENCH_EPOCH_SAMPLE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20);
         let stride = (plan.len() / sample.max(1)).max(1);
         let picked: Vec<&Vec<usize>> = plan.iter().step_by(stride).collect();
         let start = Instant::now();
