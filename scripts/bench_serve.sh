@@ -41,33 +41,7 @@ log() { echo "[bench] $*" >&2; }
 # --- model -------------------------------------------------------------------------------
 if [[ ! -f $MODEL_DIR/model.safetensors ]]; then
     log "writing a random KoBART-v1-shaped model to $MODEL_DIR"
-    if [[ -f $ROOT/scripts/make_random_kobart.py ]]; then
-        "$PYTHON" "$ROOT/scripts/make_random_kobart.py" "$MODEL_DIR"
-    else
-        "$PYTHON" - "$MODEL_DIR" "$ROOT" <<'PY'
-import shutil, sys
-from pathlib import Path
-import torch
-from transformers import BartConfig, BartForConditionalGeneration
-out, root = Path(sys.argv[1]), Path(sys.argv[2])
-out.mkdir(parents=True, exist_ok=True)
-torch.manual_seed(0)
-cfg = BartConfig(
-    vocab_size=30000, max_position_embeddings=1026, d_model=768,
-    encoder_layers=6, decoder_layers=6, encoder_attention_heads=16, decoder_attention_heads=16,
-    encoder_ffn_dim=3072, decoder_ffn_dim=3072, activation_function="gelu",
-    dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, scale_embedding=False,
-    pad_token_id=3, bos_token_id=0, eos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=1,
-)
-model = BartForConditionalGeneration(cfg).eval()
-model.generation_config.num_beams = 5
-model.generation_config.max_length = 512
-model.save_pretrained(str(out), safe_serialization=True)
-shared = root.parent / "shared" / "kobart-tokenizer" / "tokenizer.json"
-fixture = root / "crates" / "kb-core" / "tests" / "fixtures" / "tiny-kobart" / "tokenizer.json"
-shutil.copyfile(shared if shared.exists() else fixture, out / "tokenizer.json")
-PY
-    fi
+    "$PYTHON" "$ROOT/scripts/make_random_kobart.py" "$MODEL_DIR"
 fi
 
 # --- builds --------------------------------------------------------------------------------
