@@ -148,7 +148,48 @@ impl KeywordModel {
         max_input_tokens: Option<usize>,
     ) -> Result<Vec<Extraction>> {
         let inputs = self.encode_queries(queries, max_input_tokens)?;
-        let outputs = generate(&self.model, &inputs, generation)?;
+        self.extract_encoded(queries, &inputs, generation)
+    }
+
+    /// Extracts keywords for any number of queries: each is tokenized once, queries of similar
+    /// token length are generated together in batches of `batch_size`, and results come back in
+    /// input order. `progress` is called with the number of queries each batch finished.
+    pub fn extract_all(
+        &self,
+        queries: &[&str],
+        generation: &GenerationConfig,
+        max_input_tokens: Option<usize>,
+        batch_size: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Extraction>> {
+        if batch_size == 0 {
+            return Err(Error::Invalid("batch size must be at least 1".into()));
+        }
+        let encoded = self.encode_queries(queries, max_input_tokens)?;
+        let mut order: Vec<usize> = (0..queries.len()).collect();
+        order.sort_by_key(|&i| encoded[i].len());
+        let mut results: Vec<Option<Extraction>> = vec![None; queries.len()];
+        for chunk in order.chunks(batch_size) {
+            let batch: Vec<&str> = chunk.iter().map(|&i| queries[i]).collect();
+            let inputs: Vec<Vec<u32>> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+            for (&i, r) in chunk
+                .iter()
+                .zip(self.extract_encoded(&batch, &inputs, generation)?)
+            {
+                results[i] = Some(r);
+            }
+            progress(chunk.len());
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
+    fn extract_encoded(
+        &self,
+        queries: &[&str],
+        inputs: &[Vec<u32>],
+        generation: &GenerationConfig,
+    ) -> Result<Vec<Extraction>> {
+        let outputs = generate(&self.model, inputs, generation)?;
         queries
             .iter()
             .zip(outputs)

@@ -256,23 +256,22 @@ fn generate(args: &Args, spec: &str, data: &Dataset) -> Result<(Vec<Vec<String>>
         .map_err(|(field, msg)| anyhow::anyhow!("--{field}: {msg}"))?;
 
     let queries: Vec<&str> = data.examples.iter().map(|e| e.query.as_str()).collect();
-    let encoded = model.encode_queries(&queries, args.max_input_tokens)?;
-    let mut order: Vec<usize> = (0..queries.len()).collect();
-    order.sort_by_key(|&i| encoded[i].len());
     let bar = ProgressBar::new(queries.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} queries  {per_sec}  eta {eta}")
             .expect("valid template"),
     );
-    let mut out: Vec<Vec<String>> = vec![Vec::new(); queries.len()];
-    for chunk in order.chunks(args.batch_size) {
-        let batch: Vec<&str> = chunk.iter().map(|&i| queries[i]).collect();
-        let results = model.extract(&batch, &gen, args.max_input_tokens)?;
-        for (&i, r) in chunk.iter().zip(results) {
-            out[i] = r.keywords;
-        }
-        bar.inc(chunk.len() as u64);
-    }
+    let out: Vec<Vec<String>> = model
+        .extract_all(
+            &queries,
+            &gen,
+            args.max_input_tokens,
+            args.batch_size,
+            |n| bar.inc(n as u64),
+        )?
+        .into_iter()
+        .map(|r| r.keywords)
+        .collect();
     bar.finish_and_clear();
     Ok((
         out,

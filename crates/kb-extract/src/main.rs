@@ -151,12 +151,8 @@ fn run(args: Args) -> Result<()> {
     gen.validate()
         .map_err(|(field, msg)| anyhow::anyhow!("--{field}: {msg}"))?;
 
-    // Group queries of similar token length into batches; answer in input order.
+    // Queries of similar token length are generated together; results keep input order.
     let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
-    let encoded = model.encode_queries(&refs, args.max_input_tokens)?;
-    let mut order: Vec<usize> = (0..queries.len()).collect();
-    order.sort_by_key(|&i| encoded[i].len());
-
     let bar = if args.input.is_some() {
         ProgressBar::new(queries.len() as u64)
     } else {
@@ -166,17 +162,14 @@ fn run(args: Args) -> Result<()> {
         ProgressStyle::with_template("{bar:40} {pos}/{len} queries  {per_sec}  eta {eta}")
             .expect("valid template"),
     );
-    let mut results: Vec<Option<kb_core::Extraction>> = vec![None; queries.len()];
-    for chunk in order.chunks(args.batch_size) {
-        let batch: Vec<&str> = chunk.iter().map(|&i| refs[i]).collect();
-        let out = model.extract(&batch, &gen, args.max_input_tokens)?;
-        for (&i, mut r) in chunk.iter().zip(out) {
-            if let Some(syn) = &synonyms {
-                r.keywords = syn.apply(&r.keywords);
-            }
-            results[i] = Some(r);
+    let mut results =
+        model.extract_all(&refs, &gen, args.max_input_tokens, args.batch_size, |n| {
+            bar.inc(n as u64)
+        })?;
+    if let Some(syn) = &synonyms {
+        for r in &mut results {
+            r.keywords = syn.apply(&r.keywords);
         }
-        bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
 
@@ -187,7 +180,7 @@ fn run(args: Args) -> Result<()> {
         None => Box::new(std::io::stdout().lock()),
     };
     let mut writer = ResultWriter::new(sink, args.format, args.ids, args.scores)?;
-    for r in results.iter().flatten() {
+    for r in &results {
         writer.write(r)?;
     }
     writer.finish()
