@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use kb_core::train::{train, Accelerator, InitMode, RunOptions, TrainSettings};
+use kb_core::train::{train, Accelerator, InitMode, Precision, RunOptions, TrainSettings};
 
 /// Fine-tune a KoBART (BART) keyword extractor on TSV files with `query` and `keyword` columns.
 ///
@@ -17,6 +17,8 @@ use kb_core::train::{train, Accelerator, InitMode, RunOptions, TrainSettings};
 /// Examples:
 ///   kb-train --config configs/quickstart-cpu.toml
 ///   kb-train --gradient_clip_val 1.0 --max_epochs 2 --checkpoint checkpoint --accelerator gpu --num_gpus 1 --batch_size 8
+///   kb-train --accelerator gpu --num_gpus 4 --precision bf16 --config configs/original.toml
+///   kb-train --accelerator cpu --dp_workers 2 --config configs/quickstart-cpu.toml
 ///   kb-train --resume checkpoint
 #[derive(Debug, Parser)]
 #[command(
@@ -94,9 +96,29 @@ struct Args {
     /// cpu or gpu (gpu needs a build with --features cuda) [default: cpu].
     #[arg(long)]
     accelerator: Option<Accelerator>,
-    /// GPUs to use [default: 1].
+    /// GPUs per node, one data-parallel worker each; the global batch is batch_size × GPUs ×
+    /// nodes (several GPUs need a build with --features cuda,nccl) [default: 1].
     #[arg(long = "num_gpus", alias = "num-gpus")]
     num_gpus: Option<usize>,
+    /// Which GPUs to use, as CUDA ordinals, e.g. 0,2 [default: the first num_gpus].
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    devices: Option<Vec<usize>>,
+    /// Data-parallel workers on the CPU (--accelerator cpu): each trains on its shard of every
+    /// global batch of batch_size × N rows and gradients are summed in process [default: 1].
+    #[arg(long = "dp_workers", alias = "dp-workers")]
+    dp_workers: Option<usize>,
+    /// Machines in a multi-node GPU run (each runs kb-train with its --node_rank) [default: 1].
+    #[arg(long = "num_nodes", alias = "num-nodes")]
+    num_nodes: Option<usize>,
+    /// This machine's index in a multi-node run; node 0 writes checkpoints [default: 0].
+    #[arg(long = "node_rank", alias = "node-rank")]
+    node_rank: Option<usize>,
+    /// How nodes meet: file:PATH (shared filesystem) or tcp:HOST:PORT (node 0 listens).
+    #[arg(long, value_name = "SPEC")]
+    rendezvous: Option<String>,
+    /// 32 or bf16 (bf16 compute, f32 master weights, optimizer and checkpoints) [default: 32].
+    #[arg(long)]
+    precision: Option<Precision>,
     /// Batch rows of similar length together: true or false [default: true].
     #[arg(long)]
     bucket: Option<bool>,
@@ -142,11 +164,21 @@ impl Args {
             num_workers,
             accelerator,
             num_gpus,
+            dp_workers,
+            num_nodes,
+            node_rank,
+            precision,
             bucket,
             save_top_k
         );
         if self.model_config.is_some() {
             s.model_config = self.model_config.clone();
+        }
+        if self.devices.is_some() {
+            s.devices = self.devices.clone();
+        }
+        if self.rendezvous.is_some() {
+            s.rendezvous = self.rendezvous.clone();
         }
         if self.max_steps.is_some() {
             s.max_steps = self.max_steps;

@@ -135,7 +135,10 @@ pub fn dropout(x: &Tensor, p: f64, pass: Pass<'_>) -> candle_core::Result<Tensor
 
 /// Softmax over the last dimension.
 pub fn softmax_last(x: &Tensor, pass: Pass<'_>) -> candle_core::Result<Tensor> {
-    if pass.differentiable() || !x.is_contiguous() {
+    if pass.differentiable() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // Mixed-precision training computes softmax in f32, as PyTorch's autocast does.
+        candle_nn::ops::softmax(&x.to_dtype(DType::F32)?, D::Minus1)?.to_dtype(x.dtype())
+    } else if pass.differentiable() || !x.is_contiguous() {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)

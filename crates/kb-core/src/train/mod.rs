@@ -1,14 +1,21 @@
 //! Fine-tuning: trainable model, optimizer and schedule, checkpoints, metrics, the training loop.
 
 pub mod checkpoint;
+pub mod collective;
+mod launch;
 pub mod metrics;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optim;
+pub mod rendezvous;
 pub mod scratch;
 pub mod settings;
 pub mod trainable;
 pub mod trainer;
+mod worker;
 
+pub use collective::{Collective, InProcessGroup, SingleWorker};
 pub use optim::{clip_grad_norm, linear_warmup_decay, warmup_steps, AdamW, AdamWConfig};
-pub use settings::{Accelerator, InitMode, TrainSettings};
+pub use settings::{Accelerator, InitMode, Precision, TrainSettings};
 pub use trainable::{masked_cross_entropy, Trainable};
 pub use trainer::{train, RunOptions, TrainOutcome};

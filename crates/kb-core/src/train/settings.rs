@@ -52,6 +52,43 @@ impl std::str::FromStr for Accelerator {
     }
 }
 
+/// Arithmetic of the forward and backward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Precision {
+    /// Plain f32 (Lightning's `32`).
+    #[default]
+    #[serde(rename = "32")]
+    F32,
+    /// bf16 compute with f32 master weights, optimizer and checkpoints (Lightning's
+    /// `bf16-mixed`).
+    #[serde(rename = "bf16")]
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "32" | "f32" | "32-true" => Ok(Precision::F32),
+            "bf16" | "bf16-mixed" => Ok(Precision::Bf16),
+            "16" | "f16" | "16-mixed" => Err(
+                "f16 training (with loss scaling) is not supported; use --precision bf16, which needs no loss scaling".into(),
+            ),
+            _ => Err(format!("`{s}` is not 32 or bf16")),
+        }
+    }
+}
+
+impl Precision {
+    /// The dtype of the forward and backward passes.
+    pub fn compute_dtype(self) -> candle_core::DType {
+        match self {
+            Precision::F32 => candle_core::DType::F32,
+            Precision::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
 /// Every training setting. Defaults are the original recipe's (`train.py`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -94,8 +131,22 @@ pub struct TrainSettings {
     pub num_workers: usize,
     /// CPU or GPU.
     pub accelerator: Accelerator,
-    /// GPUs to use with `accelerator = "gpu"`.
+    /// GPUs per node to use with `accelerator = "gpu"` (one data-parallel worker each).
     pub num_gpus: usize,
+    /// Which GPUs (CUDA ordinals) to use, e.g. `[0, 2]`; default the first `num_gpus`.
+    pub devices: Option<Vec<usize>>,
+    /// Data-parallel worker threads with `accelerator = "cpu"` (each trains on its shard of
+    /// every global batch, gradients summed in process) — the CPU form of multi-GPU training.
+    pub dp_workers: usize,
+    /// Machines taking part in GPU training (each runs `kb-train` with its `node_rank`).
+    pub num_nodes: usize,
+    /// This machine's index among `num_nodes`, 0 being the one that writes checkpoints.
+    pub node_rank: usize,
+    /// How the nodes of a multi-node run find each other: `file:PATH` (a path on a filesystem
+    /// they share) or `tcp:HOST:PORT` (node 0 listens there).
+    pub rendezvous: Option<String>,
+    /// `32` or `bf16` (bf16 compute, f32 master weights).
+    pub precision: Precision,
     /// Group rows of similar length into batches (less padding).
     pub bucket: bool,
     /// Also validate every N optimizer steps (besides each epoch end).
@@ -131,6 +182,12 @@ impl Default for TrainSettings {
             num_workers: 4,
             accelerator: Accelerator::Cpu,
             num_gpus: 1,
+            devices: None,
+            dp_workers: 1,
+            num_nodes: 1,
+            node_rank: 0,
+            rendezvous: None,
+            precision: Precision::F32,
             bucket: true,
             val_check_interval: None,
             save_top_k: 3,
@@ -159,6 +216,8 @@ impl TrainSettings {
             ("max_epochs", self.max_epochs),
             ("save_top_k", self.save_top_k),
             ("num_gpus", self.num_gpus),
+            ("dp_workers", self.dp_workers),
+            ("num_nodes", self.num_nodes),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -186,10 +245,98 @@ impl TrainSettings {
                 "init = scratch needs --model_config PATH (e.g. configs/tiny-bart.json)".into(),
             ));
         }
+        self.validate_parallel()?;
         if let Some(0) = self.max_steps {
             return Err(("max_steps", "must be at least 1".into()));
         }
         Ok(())
+    }
+
+    fn validate_parallel(&self) -> std::result::Result<(), (&'static str, String)> {
+        if let Some(devices) = &self.devices {
+            if devices.is_empty() {
+                return Err(("devices", "names no GPU".into()));
+            }
+            let mut seen = devices.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            if seen.len() != devices.len() {
+                return Err(("devices", format!("{devices:?} names a GPU twice")));
+            }
+            if self.num_gpus != 1 && self.num_gpus != devices.len() {
+                return Err((
+                    "devices",
+                    format!(
+                        "names {} GPUs but --num_gpus is {}; give one or make them agree",
+                        devices.len(),
+                        self.num_gpus
+                    ),
+                ));
+            }
+        }
+        match self.accelerator {
+            Accelerator::Cpu => {
+                if self.num_gpus > 1 || self.devices.is_some() {
+                    return Err((
+                        "num_gpus",
+                        "GPUs need --accelerator gpu; for data-parallel training on the CPU use --dp_workers N".into(),
+                    ));
+                }
+                if self.num_nodes > 1 {
+                    return Err((
+                        "num_nodes",
+                        "multi-node training runs on GPUs (--accelerator gpu)".into(),
+                    ));
+                }
+            }
+            Accelerator::Gpu => {
+                if self.dp_workers > 1 {
+                    return Err((
+                        "dp_workers",
+                        "is for --accelerator cpu; on GPUs use --num_gpus N".into(),
+                    ));
+                }
+            }
+        }
+        if self.node_rank >= self.num_nodes {
+            return Err((
+                "node_rank",
+                format!(
+                    "{} is not below --num_nodes {}",
+                    self.node_rank, self.num_nodes
+                ),
+            ));
+        }
+        if self.num_nodes > 1 && self.rendezvous.is_none() {
+            return Err((
+                "rendezvous",
+                "multi-node training needs --rendezvous file:PATH or tcp:HOST:PORT".into(),
+            ));
+        }
+        if let Some(r) = &self.rendezvous {
+            super::rendezvous::Rendezvous::parse(r).map_err(|e| ("rendezvous", e))?;
+        }
+        Ok(())
+    }
+
+    /// GPU ordinals this node trains on.
+    pub fn local_devices(&self) -> Vec<usize> {
+        self.devices
+            .clone()
+            .unwrap_or_else(|| (0..self.num_gpus).collect())
+    }
+
+    /// Data-parallel workers on this node.
+    pub fn local_workers(&self) -> usize {
+        match self.accelerator {
+            Accelerator::Cpu => self.dp_workers,
+            Accelerator::Gpu => self.local_devices().len(),
+        }
+    }
+
+    /// Data-parallel workers in the whole run: the global batch is `batch_size` times this.
+    pub fn world_size(&self) -> usize {
+        self.local_workers() * self.num_nodes
     }
 }
 

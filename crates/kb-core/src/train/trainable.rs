@@ -22,6 +22,16 @@ pub struct Trainable {
     pub varmap: VarMap,
     /// The network, reading those variables.
     pub model: Bart,
+    /// With mixed precision: a lower-precision copy of the weights that the forward and backward
+    /// passes use; the optimizer keeps updating the f32 master weights above.
+    compute: Option<ComputeCopy>,
+}
+
+/// Half-precision working copy of the weights for mixed-precision training.
+struct ComputeCopy {
+    varmap: VarMap,
+    model: Bart,
+    dtype: DType,
 }
 
 impl Trainable {
@@ -86,7 +96,70 @@ impl Trainable {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = Bart::load(config, vb)?;
-        Ok(Self { varmap, model })
+        Ok(Self {
+            varmap,
+            model,
+            compute: None,
+        })
+    }
+
+    /// Trains in mixed precision: forward and backward passes run on a `dtype` (bf16 or f16)
+    /// copy of the weights, gradients come back as f32 and the optimizer updates the f32 master
+    /// weights (PyTorch's `autocast` recipe; layer norm, softmax and the loss stay in f32).
+    /// `DType::F32` returns to plain f32 training.
+    pub fn set_compute_dtype(&mut self, config: &BartConfig, dtype: DType) -> Result<()> {
+        if dtype == DType::F32 {
+            self.compute = None;
+            return Ok(());
+        }
+        let device = self.device()?;
+        let varmap = VarMap::new();
+        let model = Bart::load(config, VarBuilder::from_varmap(&varmap, dtype, &device))?;
+        self.compute = Some(ComputeCopy {
+            varmap,
+            model,
+            dtype,
+        });
+        self.sync_compute_copy()
+    }
+
+    /// The dtype the forward and backward passes run in.
+    pub fn compute_dtype(&self) -> DType {
+        self.compute.as_ref().map(|c| c.dtype).unwrap_or(DType::F32)
+    }
+
+    /// Refreshes the mixed-precision copy from the master weights; call after every update of
+    /// the master weights (a no-op in f32).
+    pub fn sync_compute_copy(&self) -> Result<()> {
+        let Some(c) = &self.compute else {
+            return Ok(());
+        };
+        let master = self.varmap.data().lock().expect("varmap lock");
+        let copy = c.varmap.data().lock().expect("varmap lock");
+        for (name, var) in copy.iter() {
+            let m = master
+                .get(name)
+                .ok_or_else(|| Error::Weights(format!("no master weight for {name}")))?;
+            var.set(&m.as_tensor().to_dtype(c.dtype)?)?;
+        }
+        Ok(())
+    }
+
+    fn device(&self) -> Result<Device> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        Ok(data
+            .values()
+            .next()
+            .map(|v| v.as_tensor().device().clone())
+            .unwrap_or(Device::Cpu))
+    }
+
+    /// The network that forward passes use (the mixed-precision copy when there is one).
+    fn network(&self) -> &Bart {
+        self.compute
+            .as_ref()
+            .map(|c| &c.model)
+            .unwrap_or(&self.model)
     }
 
     /// Trainable variables (everything but buffers), sorted by name.
@@ -112,7 +185,7 @@ impl Trainable {
     /// Mean cross-entropy over the batch's label tokens (padding ignored), as transformers'
     /// `BartForConditionalGeneration(labels=…)` computes it.
     pub fn loss(&self, batch: &Batch, pass: Pass<'_>) -> Result<Tensor> {
-        let logits = self.model.forward(
+        let logits = self.network().forward(
             &batch.input_ids,
             Some(&batch.attention_mask),
             &batch.decoder_input_ids,
@@ -128,13 +201,24 @@ impl Trainable {
         Ok((mean * batch.label_tokens as f64, batch.label_tokens))
     }
 
-    /// Backpropagates `loss` and returns the gradient of every trainable variable by name.
+    /// Backpropagates `loss` and returns the gradient of every trainable variable by name (f32,
+    /// also in mixed precision).
     pub fn gradients(&self, loss: &Tensor) -> Result<HashMap<String, Tensor>> {
         let store = loss.backward()?;
         let mut out = HashMap::new();
-        for (name, var) in self.parameters() {
+        let vars = match &self.compute {
+            None => self.parameters(),
+            Some(c) => {
+                let data = c.varmap.data().lock().expect("varmap lock");
+                data.iter()
+                    .filter(|(n, _)| !BUFFERS.contains(&n.as_str()))
+                    .map(|(n, v)| (n.clone(), v.clone()))
+                    .collect()
+            }
+        };
+        for (name, var) in vars {
             if let Some(g) = store.get(var.as_tensor()) {
-                out.insert(name, g.clone());
+                out.insert(name, g.to_dtype(DType::F32)?);
             }
         }
         Ok(out)
