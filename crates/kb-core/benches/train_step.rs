@@ -5,6 +5,7 @@
 //! ```text
 //! KB_BENCH_MODEL=/tmp/kobart-random cargo bench -p kb-core --bench train_step
 //! ```
+//! `KB_BENCH_PHASES=1` also prints the time of each phase of every step.
 //! `scripts/bench_train.py` runs this next to PyTorch on the same CPU and compares.
 //! Prints JSON objects (`{"impl":"kb-core","what":"step",…}`).
 
@@ -14,7 +15,7 @@ use std::time::Instant;
 use kb_core::candle_core::{DType, Device};
 use kb_core::data::{encode_examples, epoch_batches, Batch, Dataset, Encoded};
 use kb_core::model::{DropoutRng, Pass};
-use kb_core::train::{clip_grad_norm, AdamW, AdamWConfig, Trainable};
+use kb_core::train::{clip_coefficient, AdamW, AdamWConfig, Trainable};
 use kb_core::weights::{load_checked, WeightFiles};
 use kb_core::{BartConfig, KoTokenizer};
 
@@ -30,6 +31,9 @@ fn main() {
     let epoch = std::env::var("KB_BENCH_EPOCH")
         .map(|v| v == "1")
         .unwrap_or(false);
+    // As kb-train does.
+    kb_core::train::allocator::retain_freed_memory();
+    let phases = std::env::var("KB_BENCH_PHASES").is_ok_and(|v| v == "1");
     let dir = Path::new(&dir);
     let device = Device::Cpu;
     let cfg = BartConfig::from_file(&dir.join("config.json")).unwrap();
@@ -44,6 +48,7 @@ fn main() {
     let step = |items: &[&Encoded], opt: &mut AdamW, seed: u64| -> usize {
         let batch = Batch::build(items, tok.special().pad, &device).unwrap();
         let rng = DropoutRng::new(seed);
+        let t0 = Instant::now();
         let loss = model
             .loss(
                 &batch,
@@ -52,9 +57,29 @@ fn main() {
                 },
             )
             .unwrap();
-        let mut grads = model.gradients(&loss).unwrap();
-        clip_grad_norm(&mut grads, 1.0).unwrap();
-        opt.step(&grads, 3e-5).unwrap();
+        let t1 = Instant::now();
+        let grads = model.gradients(&loss).unwrap();
+        let t2 = Instant::now();
+        let (coef, _) = clip_coefficient(&grads, 1.0).unwrap();
+        let t3 = Instant::now();
+        opt.step_scaled(&grads, 3e-5, coef).unwrap();
+        let t4 = Instant::now();
+        if phases {
+            let strided: usize = grads
+                .values()
+                .filter(|g| !g.is_contiguous())
+                .map(|g| g.elem_count())
+                .sum();
+            eprintln!("non-contiguous gradient elements: {strided}");
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1000.0;
+            eprintln!(
+                "phases: forward {:.0} ms, backward {:.0} ms, clip {:.0} ms, adamw {:.0} ms",
+                ms(t0, t1),
+                ms(t1, t2),
+                ms(t2, t3),
+                ms(t3, t4)
+            );
+        }
         batch.tokens
     };
     // The first 8 rows, as PyTorch's side uses.

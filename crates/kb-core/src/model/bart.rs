@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{
-    additive_causal_mask, additive_padding_mask, dropout, Attention, FeedForward, KeyValues,
-    LayerNorm, Pass,
+    additive_causal_mask, additive_padding_mask, dropout, matmul_weight_t, Attention, FeedForward,
+    KeyValues, LayerNorm, Pass,
 };
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
@@ -531,9 +531,7 @@ impl Bart {
 
     fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
-        let logits = hidden
-            .reshape((b * t, d))?
-            .matmul(&self.lm_head.t()?)?
+        let logits = matmul_weight_t(&hidden.reshape((b * t, d))?, &self.lm_head)?
             .broadcast_add(&self.final_logits_bias)?;
         Ok(logits.reshape((b, t, ()))?)
     }

@@ -6,7 +6,7 @@
 use std::cell::Cell;
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
 use crate::config::Activation;
@@ -16,7 +16,44 @@ pub const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// Loads a linear layer (`weight` of shape `(out, in)` and `bias`).
 pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
-    candle_nn::linear(in_dim, out_dim, vb)
+    // Every weight is then set from a checkpoint or by `Trainable::from_scratch`: no random init.
+    let weight = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::Init::Const(0.0))?;
+    let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
+    Ok(Linear { weight, bias })
+}
+
+/// `y = x Wᵀ + b` with `W` of shape `(out, in)`, as `torch.nn.Linear`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, features) = match x.dims() {
+            [.., n] => (x.elem_count() / n, *n),
+            [] => candle_core::bail!("linear layer applied to a scalar"),
+        };
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("at least one dim") = self.weight.dim(0)?;
+        let x2 = x.reshape((rows, features))?;
+        let y = matmul_weight_t(&x2, &self.weight)?;
+        y.broadcast_add(&self.bias)?.reshape(out_dims)
+    }
+}
+
+/// `x Wᵀ` for a 2-D `x`. When `W` is a trainable variable it is computed as `(W xᵀ)ᵀ`: the
+/// same product, but candle's backward pass then produces `W`'s gradient directly in `W`'s
+/// layout, instead of as a transposed copy that must be added back element by element with
+/// strides (a full pass over every weight matrix per step); the transposes move to the
+/// activations, which are far smaller than the weights at fine-tuning batch sizes.
+pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    if weight.is_variable() {
+        weight.matmul(&x.t()?)?.t()
+    } else {
+        x.matmul(&weight.t()?)
+    }
 }
 
 /// A LayerNorm with weight and bias.

@@ -1,5 +1,6 @@
 //! Fine-tuning: trainable model, optimizer and schedule, checkpoints, metrics, the training loop.
 
+pub mod allocator;
 pub mod checkpoint;
 pub mod collective;
 mod launch;
@@ -15,7 +16,9 @@ pub mod trainer;
 mod worker;
 
 pub use collective::{Collective, InProcessGroup, SingleWorker};
-pub use optim::{clip_grad_norm, linear_warmup_decay, warmup_steps, AdamW, AdamWConfig};
+pub use optim::{
+    clip_coefficient, clip_grad_norm, linear_warmup_decay, warmup_steps, AdamW, AdamWConfig,
+};
 pub use settings::{Accelerator, InitMode, Precision, TrainSettings};
 pub use trainable::{masked_cross_entropy, Trainable};
 pub use trainer::{train, RunOptions, TrainOutcome};

@@ -5,7 +5,8 @@
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 use crate::error::Result;
 
@@ -82,13 +83,13 @@ impl AdamW {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
+                // Two distinct buffers: the CPU update writes them in place.
                 Ok(ParamState {
                     decay: decays(&name),
+                    exp_avg: var.as_tensor().zeros_like()?,
+                    exp_avg_sq: var.as_tensor().zeros_like()?,
                     name,
                     var,
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -102,6 +103,21 @@ impl AdamW {
     /// Applies one update with learning rate `lr` given each parameter's gradient (by name;
     /// parameters without a gradient are left alone, as PyTorch does).
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` as it is read — the
+    /// coefficient of [`clip_coefficient`], applied without rewriting the gradients.
+    ///
+    /// On the CPU each parameter is updated in place in three passes over its memory (first
+    /// moment, second moment, parameter) with no temporaries; elsewhere with tensor ops. Both
+    /// compute what `torch.optim.AdamW` (single-tensor implementation) computes.
+    pub fn step_scaled(
+        &mut self,
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
@@ -109,14 +125,49 @@ impl AdamW {
         let bias_correction2 = 1.0 - c.beta2.powi(t);
         let step_size = lr / bias_correction1;
         let bc2_sqrt = bias_correction2.sqrt();
+        let scale = (grad_scale != 1.0).then_some(grad_scale as f32);
         for p in &mut self.params {
             let Some(g) = grads.get(&p.name) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
-            let mut theta = p.var.as_tensor().clone();
-            if p.decay && c.weight_decay != 0.0 {
-                theta = (theta * (1.0 - lr * c.weight_decay))?;
+            let decay = (p.decay && c.weight_decay != 0.0).then_some(1.0 - lr * c.weight_decay);
+            let theta = p.var.as_tensor();
+            if theta.device().is_cpu() {
+                let g = g.to_dtype(DType::F32)?.contiguous()?;
+                p.exp_avg.inplace_op2(
+                    &g,
+                    &FirstMoment {
+                        weight: (1.0 - c.beta1) as f32,
+                        scale,
+                    },
+                )?;
+                p.exp_avg_sq.inplace_op2(
+                    &g,
+                    &SecondMoment {
+                        beta2: c.beta2 as f32,
+                        weight: (1.0 - c.beta2) as f32,
+                        scale,
+                    },
+                )?;
+                theta.inplace_op3(
+                    &p.exp_avg,
+                    &p.exp_avg_sq,
+                    &ParameterUpdate {
+                        decay: decay.map(|d| d as f32),
+                        step_size: step_size as f32,
+                        bc2_sqrt: bc2_sqrt as f32,
+                        eps: c.eps as f32,
+                    },
+                )?;
+                continue;
+            }
+            let mut g = g.to_dtype(DType::F32)?;
+            if let Some(s) = scale {
+                g = (g * s as f64)?;
+            }
+            let mut theta = theta.clone();
+            if let Some(d) = decay {
+                theta = (theta * d)?;
             }
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
             p.exp_avg = (&p.exp_avg + ((&g - &p.exp_avg)? * (1.0 - c.beta1))?)?;
@@ -125,6 +176,150 @@ impl AdamW {
             let theta = (theta - (p.exp_avg.div(&denom)? * step_size)?)?;
             p.var.set(&theta)?;
         }
+        Ok(())
+    }
+}
+
+/// Elements per parallel work item of the in-place updates.
+const CHUNK: usize = 1 << 15;
+
+fn slice_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("AdamW: {what} is not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => candle_core::bail!("AdamW: {what} is not f32"),
+    }
+}
+
+fn slice_of_mut<'a>(
+    s: &'a mut CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a mut [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("AdamW: {what} is not contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        _ => candle_core::bail!("AdamW: {what} is not f32"),
+    }
+}
+
+fn same_len(a: usize, b: usize) -> candle_core::Result<()> {
+    if a != b {
+        candle_core::bail!("AdamW: state of {a} elements, gradient of {b}");
+    }
+    Ok(())
+}
+
+/// `m ← m + w·(g − m)` (`lerp_` with weight `1 − β1`), in place.
+struct FirstMoment {
+    weight: f32,
+    scale: Option<f32>,
+}
+
+impl InplaceOp2 for FirstMoment {
+    fn name(&self) -> &'static str {
+        "adamw-first-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        m: &mut CpuStorage,
+        lm: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<()> {
+        let m = slice_of_mut(m, lm, "exp_avg")?;
+        let g = slice_of(g, lg, "gradient")?;
+        same_len(m.len(), g.len())?;
+        let (w, scale) = (self.weight, self.scale);
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                for (m, &g) in m.iter_mut().zip(g) {
+                    let g = scale.map_or(g, |s| g * s);
+                    *m += w * (g - *m);
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `v ← v·β2 + ((1 − β2)·g)·g` (`mul_` then `addcmul_`), in place.
+struct SecondMoment {
+    beta2: f32,
+    weight: f32,
+    scale: Option<f32>,
+}
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "adamw-second-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        v: &mut CpuStorage,
+        lv: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<()> {
+        let v = slice_of_mut(v, lv, "exp_avg_sq")?;
+        let g = slice_of(g, lg, "gradient")?;
+        same_len(v.len(), g.len())?;
+        let (b2, w, scale) = (self.beta2, self.weight, self.scale);
+        v.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(v, g)| {
+                for (v, &g) in v.iter_mut().zip(g) {
+                    let g = scale.map_or(g, |s| g * s);
+                    *v = *v * b2 + w * g * g;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// `θ ← θ·(1 − lr·wd) − step_size · m / (√v / √bc2 + ε)` (`mul_` then `addcdiv_`), in place.
+struct ParameterUpdate {
+    decay: Option<f32>,
+    step_size: f32,
+    bc2_sqrt: f32,
+    eps: f32,
+}
+
+impl InplaceOp3 for ParameterUpdate {
+    fn name(&self) -> &'static str {
+        "adamw-parameter-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        theta: &mut CpuStorage,
+        lt: &Layout,
+        m: &CpuStorage,
+        lm: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<()> {
+        let theta = slice_of_mut(theta, lt, "parameter")?;
+        let m = slice_of(m, lm, "exp_avg")?;
+        let v = slice_of(v, lv, "exp_avg_sq")?;
+        same_len(theta.len(), m.len())?;
+        same_len(theta.len(), v.len())?;
+        let (decay, step, bc2, eps) = (self.decay, self.step_size, self.bc2_sqrt, self.eps);
+        theta
+            .par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(t, (m, v))| {
+                for ((t, &m), &v) in t.iter_mut().zip(m).zip(v) {
+                    let decayed = decay.map_or(*t, |d| *t * d);
+                    *t = decayed + -step * (m / (v.sqrt() / bc2 + eps));
+                }
+            });
         Ok(())
     }
 }
@@ -149,13 +344,34 @@ pub fn warmup_steps(total: usize, ratio: f64) -> usize {
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut sum = 0f64;
     for g in grads.values() {
-        sum += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+        sum += sum_of_squares(&g.to_dtype(DType::F32)?)?;
     }
     Ok(sum.sqrt())
+}
+
+/// Σ x² of an f32 tensor: read in place on the CPU (f32 within blocks, f64 across them),
+/// with tensor ops elsewhere.
+fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    if t.device().is_cpu() && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(v[a..b]
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|x| x * x).sum::<f32>() as f64)
+                .sum());
+        }
+    }
+    Ok(t.sqr()?.sum_all()?.to_scalar::<f32>()? as f64)
+}
+
+/// The factor `clip_grad_norm_` multiplies gradients by to bring their global norm to at most
+/// `max_norm` (`max_norm / (norm + 1e-6)` when that is below 1, else 1), and the norm.
+pub fn clip_coefficient(grads: &HashMap<String, Tensor>, max_norm: f64) -> Result<(f64, f64)> {
+    let norm = global_norm(grads)?;
+    let coef = max_norm / (norm + 1e-6);
+    Ok((if coef < 1.0 { coef } else { 1.0 }, norm))
 }
 
 /// Scales gradients so their global norm is at most `max_norm`, exactly as

@@ -14,7 +14,7 @@ use super::checkpoint::{
 };
 use super::collective::Collective;
 use super::metrics::{plot_losses, read_metrics, MetricRecord, MetricsLog};
-use super::optim::{clip_grad_norm, linear_warmup_decay, AdamW};
+use super::optim::{clip_coefficient, linear_warmup_decay, AdamW};
 use super::settings::TrainSettings;
 use super::trainable::Trainable;
 use super::trainer::{RunOptions, Setup};
@@ -485,17 +485,19 @@ impl<'a, C: Collective> Worker<'a, C> {
             if !end_of_group {
                 continue;
             }
-            let mut grads = self.all_reduce_gradients(acc.take().unwrap_or_default())?;
-            if settings.gradient_clip_val > 0.0 {
-                clip_grad_norm(&mut grads, settings.gradient_clip_val)?;
-            }
+            let grads = self.all_reduce_gradients(acc.take().unwrap_or_default())?;
+            let grad_scale = if settings.gradient_clip_val > 0.0 {
+                clip_coefficient(&grads, settings.gradient_clip_val)?.0
+            } else {
+                1.0
+            };
             let lr = settings.lr
                 * linear_warmup_decay(
                     self.state.global_step,
                     self.state.warmup_steps,
                     self.state.total_steps,
                 );
-            self.optimizer.step(&grads, lr)?;
+            self.optimizer.step_scaled(&grads, lr, grad_scale)?;
             self.trainable.sync_compute_copy()?;
             self.state.global_step += 1;
             self.steps_this_run += 1;
