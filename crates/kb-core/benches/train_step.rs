@@ -5,14 +5,15 @@
 //! ```text
 //! KB_BENCH_MODEL=/tmp/kobart-random cargo bench -p kb-core --bench train_step
 //! ```
-//! `KB_BENCH_PHASES=1` also prints the time of each phase of every step.
+//! `KB_BENCH_DEVICE=cuda:0` (CUDA build), `KB_BENCH_BATCH=N`, `KB_BENCH_PRECISION=bf16`
+//! choose the device, batch size and mixed precision. `KB_BENCH_PHASES=1` also prints the time of each phase of every step.
 //! `scripts/bench_train.py` runs this next to PyTorch on the same CPU and compares.
 //! Prints JSON objects (`{"impl":"kb-core","what":"step",…}`).
 
 use std::path::Path;
 use std::time::Instant;
 
-use kb_core::candle_core::{DType, Device};
+use kb_core::candle_core::DType;
 use kb_core::data::{encode_examples, epoch_batches, Batch, Dataset, Encoded};
 use kb_core::model::{DropoutRng, Pass};
 use kb_core::train::{clip_coefficient, AdamW, AdamWConfig, Trainable};
@@ -35,12 +36,22 @@ fn main() {
     kb_core::train::allocator::retain_freed_memory();
     let phases = std::env::var("KB_BENCH_PHASES").is_ok_and(|v| v == "1");
     let dir = Path::new(&dir);
-    let device = Device::Cpu;
+    let device =
+        kb_core::parse_device(&std::env::var("KB_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into()))
+            .unwrap();
+    let batch_size: usize = std::env::var("KB_BENCH_BATCH")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let bf16 = std::env::var("KB_BENCH_PRECISION").is_ok_and(|v| v == "bf16");
     let cfg = BartConfig::from_file(&dir.join("config.json")).unwrap();
     let tok = KoTokenizer::from_model_dir(dir, &cfg).unwrap();
     let (tensors, _) =
         load_checked(&WeightFiles::find(dir).unwrap(), &cfg, DType::F32, &device).unwrap();
-    let model = Trainable::from_tensors(&cfg, tensors, &device).unwrap();
+    let mut model = Trainable::from_tensors(&cfg, tensors, &device).unwrap();
+    if bf16 {
+        model.set_compute_dtype(&cfg, DType::BF16).unwrap();
+    }
     let mut opt = AdamW::new(model.parameters(), AdamWConfig::default()).unwrap();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let data = Dataset::read_tsv(&root.join("data/train.tsv"), false).unwrap();
@@ -63,6 +74,8 @@ fn main() {
         let (coef, _) = clip_coefficient(&grads, 1.0).unwrap();
         let t3 = Instant::now();
         opt.step_scaled(&grads, 3e-5, coef).unwrap();
+        model.sync_compute_copy().unwrap();
+        device.synchronize().unwrap();
         let t4 = Instant::now();
         if phases {
             let strided: usize = grads
@@ -82,8 +95,8 @@ fn main() {
         }
         batch.tokens
     };
-    // The first 8 rows, as PyTorch's side uses.
-    let first: Vec<&Encoded> = encoded.iter().take(8).collect();
+    // The first rows (8 by default), as PyTorch's side uses.
+    let first: Vec<&Encoded> = encoded.iter().take(batch_size).collect();
     step(&first, &mut opt, 0); // warm-up
     let start = Instant::now();
     let mut tokens = 0;
@@ -92,7 +105,8 @@ fn main() {
     }
     let secs = start.elapsed().as_secs_f64();
     println!(
-        "{{\"impl\":\"kb-core\",\"what\":\"step\",\"ms_per_step\":{:.1},\"tokens_per_s\":{:.1}}}",
+        "{{\"impl\":\"kb-core\",\"what\":\"step\",\"device\":\"{:?}\",\"batch\":{batch_size},\"bf16\":{bf16},\"ms_per_step\":{:.1},\"tokens_per_s\":{:.1}}}",
+        device,
         secs * 1000.0 / steps as f64,
         tokens as f64 / secs
     );

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use kb_core::candle_core::{DType, Device};
+use kb_core::candle_core::DType;
 use kb_core::generation::EarlyStopping;
 use kb_core::{generate, KeywordModel};
 use serde_json::Value;
@@ -41,7 +41,8 @@ fn settings(model: &KeywordModel, case: &Value) -> kb_core::GenerationConfig {
 
 #[test]
 fn generations_match_transformers_exactly() {
-    let model = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &Device::Cpu).unwrap();
+    let model =
+        KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("golden/generation.json")).unwrap())
             .unwrap();
@@ -108,7 +109,8 @@ fn generations_match_transformers_exactly() {
 
 #[test]
 fn single_input_equals_its_row_in_a_batch() {
-    let model = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &Device::Cpu).unwrap();
+    let model =
+        KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
     let mut cfg = model.generation.clone();
     cfg.num_beams = 5;
     cfg.max_length = 20;

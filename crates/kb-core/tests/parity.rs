@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use kb_core::candle_core::{DType, Device, Tensor};
+use kb_core::candle_core::{DType, Tensor};
 use kb_core::model::Pass;
 use kb_core::KeywordModel;
 
@@ -43,34 +43,34 @@ fn check_logits(model: &KeywordModel, prefix: &str, tol: f32) {
 
 #[test]
 fn safetensors_logits_match_transformers() {
-    let m = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &Device::Cpu).unwrap();
+    let m = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
     check_logits(&m, "bart", F32_TOL);
 }
 
 #[test]
 fn pytorch_bin_logits_match_transformers() {
     let dir = copy_fixture("tiny-kobart", |f| f == "model.safetensors");
-    let m = KeywordModel::load_dir(dir.path(), DType::F32, &Device::Cpu).unwrap();
+    let m = KeywordModel::load_dir(dir.path(), DType::F32, &test_device()).unwrap();
     check_logits(&m, "bart", F32_TOL);
 }
 
 #[test]
 fn pre_layer_norm_mbart_logits_match_transformers() {
-    let m = KeywordModel::load_dir(&fixture("tiny-mbart"), DType::F32, &Device::Cpu).unwrap();
+    let m = KeywordModel::load_dir(&fixture("tiny-mbart"), DType::F32, &test_device()).unwrap();
     check_logits(&m, "mbart", F32_TOL);
 }
 
 #[test]
 fn half_precision_logits_are_within_bounds() {
     for (dtype, tol) in [(DType::F16, 0.05), (DType::BF16, 0.25)] {
-        let m = KeywordModel::load_dir(&fixture("tiny-kobart"), dtype, &Device::Cpu).unwrap();
+        let m = KeywordModel::load_dir(&fixture("tiny-kobart"), dtype, &test_device()).unwrap();
         check_logits(&m, "bart", tol);
     }
 }
 
 #[test]
 fn cached_incremental_decoding_equals_full_recomputation() {
-    let m = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &Device::Cpu).unwrap();
+    let m = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
     let g = golden_tensors();
     let ids = g["bart.input_ids"].to_dtype(DType::U32).unwrap();
     let mask = g["bart.attention_mask"].to_dtype(DType::U32).unwrap();

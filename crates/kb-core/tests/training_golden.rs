@@ -7,10 +7,10 @@
 mod common;
 
 use common::*;
-use kb_core::candle_core::{DType, Device};
+use kb_core::candle_core::DType;
 use kb_core::data::{encode_examples, Batch, Example};
 use kb_core::model::Pass;
-use kb_core::train::{clip_grad_norm, linear_warmup_decay, AdamW, AdamWConfig, Trainable};
+use kb_core::train::{clip_coefficient, linear_warmup_decay, AdamW, AdamWConfig, Trainable};
 use kb_core::weights::{load_checked, WeightFiles};
 use kb_core::{BartConfig, KoTokenizer};
 
@@ -30,7 +30,7 @@ const KEYWORDS: [&str; 4] = [
 #[test]
 fn adamw_steps_match_pytorch() {
     let dir = fixture("tiny-kobart");
-    let device = Device::Cpu;
+    let device = test_device();
     let cfg = BartConfig::from_file(&dir.join("config.json")).unwrap();
     let tok = KoTokenizer::from_model_dir(&dir, &cfg).unwrap();
     let (tensors, _) =
@@ -99,8 +99,9 @@ fn adamw_steps_match_pytorch() {
             (loss_value - want).abs() < 1e-5,
             "step {step}: loss {loss_value} vs {want}"
         );
-        let mut grads = model.gradients(&loss).unwrap();
-        let norm = clip_grad_norm(&mut grads, s["clip"].as_f64().unwrap()).unwrap();
+        // As kb-train does it: the clip coefficient is applied inside the AdamW update.
+        let grads = model.gradients(&loss).unwrap();
+        let (coef, norm) = clip_coefficient(&grads, s["clip"].as_f64().unwrap()).unwrap();
         let want = record["grad_norms"][step].as_f64().unwrap();
         assert!(
             (norm - want).abs() / want < 1e-4,
@@ -108,7 +109,7 @@ fn adamw_steps_match_pytorch() {
         );
         let step_lr = lr * linear_warmup_decay(step, warmup, total);
         assert!((step_lr - record["lrs"][step].as_f64().unwrap()).abs() < 1e-15);
-        opt.step(&grads, step_lr).unwrap();
+        opt.step_scaled(&grads, step_lr, coef).unwrap();
         if step == 0 || step == 2 {
             let prefix = if step == 0 {
                 "train.step1."

@@ -169,3 +169,31 @@ impl CustomOp1 for AllReduceSum {
         Ok((out, layout.shape().clone()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-rank NCCL group on GPU 0 (skipped on machines without a GPU): the all-reduces
+    /// return their input, through NCCL, on the worker's stream.
+    #[test]
+    fn single_rank_nccl_group_reduces_to_its_input() {
+        let Ok(device) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: skipped");
+            return;
+        };
+        let id = shared_nccl_id(1, 0, None).unwrap();
+        let local = InProcessGroup::new(1).remove(0);
+        let comm = NcclCollective::join(id, 0, 1, &device, local).unwrap();
+        let t = Tensor::arange(0f32, 1000f32, &device).unwrap();
+        let sum = comm.all_reduce_sum(&t.narrow(0, 10, 500).unwrap()).unwrap();
+        assert_eq!(sum.device().location(), device.location());
+        assert_eq!(
+            sum.to_vec1::<f32>().unwrap(),
+            (10..510).map(|i| i as f32).collect::<Vec<_>>()
+        );
+        let mut v = [1.5, -2.0];
+        comm.all_reduce_f64(&mut v).unwrap();
+        assert_eq!(v, [1.5, -2.0]);
+    }
+}

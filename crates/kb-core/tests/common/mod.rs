@@ -24,11 +24,31 @@ pub fn rows_u32(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::U32).unwrap().to_vec2::<u32>().unwrap()
 }
 
-/// Largest absolute difference between two tensors of the same shape.
+/// The device the numerical tests run their models on: `KB_TEST_DEVICE` (`cpu`, `cuda:N`),
+/// default `cpu`. With a CUDA build on a GPU machine, `KB_TEST_DEVICE=cuda:0` runs the same
+/// parity checks against transformers on the GPU.
+pub fn test_device() -> Device {
+    let spec = std::env::var("KB_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    kb_core::pipeline::parse_device(&spec).expect("KB_TEST_DEVICE")
+}
+
+/// Largest absolute difference between two tensors of the same shape (on any devices).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
-    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+    let a = a
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let b = b
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap();
     (a - b)
         .unwrap()
         .abs()
