@@ -33,6 +33,10 @@ fn main() {
         .split(',')
         .map(|d| kb_core::parse_dtype(d).expect("dtype"))
         .collect();
+    let batch: usize = std::env::var("KB_BENCH_BATCH")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     for dtype in dtypes {
         let model = KeywordModel::load_dir(std::path::Path::new(&dir), dtype, &Device::Cpu)
             .expect("load model");
@@ -60,6 +64,19 @@ fn main() {
                 "{{\"impl\":\"kb-core\",\"dtype\":\"{}\",\"beams\":{beams},\"ms_per_query\":{ms:.1}}}",
                 format!("{dtype:?}").to_lowercase()
             );
+            if batch > 1 {
+                // One batched search over `batch` queries, as kb-serve runs them.
+                let many: Vec<_> = inputs.iter().cycle().take(batch).cloned().collect();
+                let start = Instant::now();
+                for _ in 0..reps {
+                    generate(&model.model, &many, &cfg).expect("generate");
+                }
+                let ms = start.elapsed().as_secs_f64() * 1000.0 / reps as f64;
+                println!(
+                    "{{\"impl\":\"kb-core\",\"dtype\":\"{}\",\"beams\":{beams},\"batch\":{batch},\"ms_per_batch\":{ms:.1}}}",
+                    format!("{dtype:?}").to_lowercase()
+                );
+            }
         }
     }
 }
