@@ -33,7 +33,7 @@ fn main() {
         .map(|v| v == "1")
         .unwrap_or(false);
     // As kb-train does.
-    kb_core::train::allocator::retain_freed_memory();
+    kb_core::allocator::retain_freed_memory();
     let phases = std::env::var("KB_BENCH_PHASES").is_ok_and(|v| v == "1");
     let dir = Path::new(&dir);
     let device =

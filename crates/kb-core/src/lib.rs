@@ -14,6 +14,7 @@
 //! # Ok::<(), kb_core::Error>(())
 //! ```
 
+pub mod allocator;
 pub mod config;
 pub mod data;
 pub mod error;

@@ -131,9 +131,11 @@ impl Generate for Backend {
         gen.num_beams = params.num_beams;
         gen.max_length = params.max_length;
         gen.max_new_tokens = None;
-        let generated =
-            kb_core::generate(&self.model.model, inputs, &gen).map_err(|e| e.to_string())?;
+        let generated = kb_core::generate(&self.model.model, inputs, &gen);
+        // The batch's buffers are freed: hand them back rather than hold the largest batch's.
+        kb_core::allocator::release_freed_memory();
         generated
+            .map_err(|e| e.to_string())?
             .into_iter()
             .map(|g| {
                 let text = self

@@ -198,7 +198,7 @@ impl Args {
 
 fn main() {
     let args = Args::parse();
-    kb_core::train::allocator::retain_freed_memory();
+    kb_core::allocator::retain_freed_memory();
     if let Err(e) = run(&args) {
         eprintln!("kb-train: error: {e:#}");
         std::process::exit(1);

@@ -1,6 +1,5 @@
 //! Fine-tuning: trainable model, optimizer and schedule, checkpoints, metrics, the training loop.
 
-pub mod allocator;
 pub mod checkpoint;
 pub mod collective;
 mod launch;
