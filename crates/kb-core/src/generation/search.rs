@@ -75,14 +75,8 @@ pub fn generate(
         let cache = model.start_decoding(&encoded, Some(&mask))?;
         greedy(model, cache, inputs.len(), cfg)
     } else {
-        let k = cfg.num_beams;
-        let rows: Vec<u32> = (0..inputs.len() as u32)
-            .flat_map(|i| std::iter::repeat_n(i, k))
-            .collect();
-        let rows = Tensor::new(rows.as_slice(), model.device())?;
-        let encoded = encoded.index_select(&rows, 0)?;
-        let mask = mask.index_select(&rows, 0)?;
-        let cache = model.start_decoding(&encoded, Some(&mask))?;
+        // The beams of an input share its encoder output and cross-attention keys/values.
+        let cache = model.start_decoding_grouped(&encoded, Some(&mask), cfg.num_beams)?;
         beam_search(model, cache, inputs.len(), cfg)
     }
 }

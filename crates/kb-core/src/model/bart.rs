@@ -223,23 +223,46 @@ impl DecoderLayer {
         Ok((x, kv))
     }
 
+    /// Cross-attention from `x` `(rows · group, t, dim)` to `cross_kv` of `rows` encoder
+    /// outputs: each run of `group` consecutive decoder rows (the beams of one input) shares one
+    /// encoder row, so their queries are stacked along the query axis of that row instead of
+    /// the encoder output being copied once per beam.
+    fn cross_attend(
+        &self,
+        x: &Tensor,
+        cross_kv: &KeyValues,
+        encoder_mask: Option<&Tensor>,
+        group: usize,
+        pass: Pass<'_>,
+    ) -> candle_core::Result<Tensor> {
+        if group == 1 {
+            return self.encoder_attn.attend(x, cross_kv, encoder_mask, pass);
+        }
+        let (rows, t, dim) = x.dims3()?;
+        let stacked = x.reshape((rows / group, group * t, dim))?;
+        self.encoder_attn
+            .attend(&stacked, cross_kv, encoder_mask, pass)?
+            .reshape((rows, t, dim))
+    }
+
     fn cross_and_ffn(
         &self,
         x: &Tensor,
         cross_kv: &KeyValues,
         encoder_mask: Option<&Tensor>,
+        group: usize,
         pass: Pass<'_>,
     ) -> candle_core::Result<Tensor> {
         let x = if self.pre_ln {
             let h = self.encoder_attn_layer_norm.forward(x, pass)?;
-            let h = self.encoder_attn.attend(&h, cross_kv, encoder_mask, pass)?;
+            let h = self.cross_attend(&h, cross_kv, encoder_mask, group, pass)?;
             let x = (x + dropout(&h, self.dropout, pass)?)?;
             let h = self
                 .ffn
                 .forward(&self.final_layer_norm.forward(&x, pass)?, pass)?;
             return x + dropout(&h, self.dropout, pass)?;
         } else {
-            let h = self.encoder_attn.attend(x, cross_kv, encoder_mask, pass)?;
+            let h = self.cross_attend(x, cross_kv, encoder_mask, group, pass)?;
             self.encoder_attn_layer_norm
                 .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)?
         };
@@ -256,6 +279,8 @@ pub struct DecoderCache {
     encoder_mask: Option<Tensor>,
     layers: Vec<LayerCache>,
     past: usize,
+    /// Decoder rows per encoder row (the beams of one input).
+    group: usize,
 }
 
 impl DecoderCache {
@@ -266,7 +291,7 @@ impl DecoderCache {
 
     /// Number of rows (sequences) in the cache.
     pub fn batch_size(&self) -> Result<usize> {
-        Ok(self.layers[0].cross_kv.keys.dim(0)?)
+        Ok(self.layers[0].cross_kv.keys.dim(0)? * self.group)
     }
 
     /// Keeps, in order, the self-attention history of the given rows (beam search reordering).
@@ -436,7 +461,7 @@ impl Bart {
         for layer in &self.decoder.layers {
             let (h, _) = layer.self_block(&x, None, Some(&self_mask), pass)?;
             let cross_kv = layer.encoder_attn.key_values(encoder_hidden)?;
-            x = layer.cross_and_ffn(&h, &cross_kv, enc_mask.as_ref(), pass)?;
+            x = layer.cross_and_ffn(&h, &cross_kv, enc_mask.as_ref(), 1, pass)?;
         }
         if let Some(ln) = &self.decoder.final_norm {
             x = ln.forward(&x, pass)?;
@@ -469,6 +494,23 @@ impl Bart {
         encoder_hidden: &Tensor,
         encoder_mask: Option<&Tensor>,
     ) -> Result<DecoderCache> {
+        self.start_decoding_grouped(encoder_hidden, encoder_mask, 1)
+    }
+
+    /// [`Bart::start_decoding`] for `group` decoder rows per encoder row (beam search with
+    /// `group` beams): the cache decodes `rows · group` sequences, row `i · group + j` reading
+    /// encoder row `i`, without copying encoder outputs or cross-attention keys/values per beam.
+    pub fn start_decoding_grouped(
+        &self,
+        encoder_hidden: &Tensor,
+        encoder_mask: Option<&Tensor>,
+        group: usize,
+    ) -> Result<DecoderCache> {
+        if group == 0 {
+            return Err(Error::Invalid(
+                "a decoding group needs at least one row".into(),
+            ));
+        }
         let layers = self
             .decoder
             .layers
@@ -487,6 +529,7 @@ impl Bart {
             encoder_mask,
             layers,
             past: 0,
+            group,
         })
     }
 
@@ -519,6 +562,7 @@ impl Bart {
                 &h,
                 &lc.cross_kv,
                 cache.encoder_mask.as_ref(),
+                cache.group,
                 Pass::Inference,
             )?;
         }
