@@ -148,7 +148,9 @@ def bench_kb_core(model_dir, threads, steps, epoch, device="cpu", batch_size=8, 
                KB_BENCH_DEVICE="cuda:0" if device != "cpu" else "cpu", KB_BENCH_BATCH=str(batch_size),
                KB_BENCH_PRECISION=precision)
     cmd = [bench_bin] if bench_bin else ["cargo", "bench", "-q", "-p", "kb-core", "--bench", "train_step"]
-    out = subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"kb-core bench failed ({out.returncode}):\n{out.stderr[-3000:]}")
     res = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
     for r in res:
         print(json.dumps(r), flush=True)

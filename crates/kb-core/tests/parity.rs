@@ -15,7 +15,8 @@ const F32_TOL: f32 = 1e-4;
 
 fn check_logits(model: &KeywordModel, prefix: &str, tol: f32) {
     let g = golden_tensors();
-    let t = |n: &str| g[&format!("{prefix}.{n}")].clone();
+    let device = model.model.device().clone();
+    let t = |n: &str| g[&format!("{prefix}.{n}")].to_device(&device).unwrap();
     let ids = t("input_ids").to_dtype(DType::U32).unwrap();
     let mask = t("attention_mask").to_dtype(DType::U32).unwrap();
     let dec = t("decoder_input_ids").to_dtype(DType::U32).unwrap();
@@ -72,9 +73,10 @@ fn half_precision_logits_are_within_bounds() {
 fn cached_incremental_decoding_equals_full_recomputation() {
     let m = KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
     let g = golden_tensors();
-    let ids = g["bart.input_ids"].to_dtype(DType::U32).unwrap();
-    let mask = g["bart.attention_mask"].to_dtype(DType::U32).unwrap();
-    let dec = g["bart.decoder_input_ids"].to_dtype(DType::U32).unwrap();
+    let t = |n: &str| g[n].to_device(m.model.device()).unwrap();
+    let ids = t("bart.input_ids").to_dtype(DType::U32).unwrap();
+    let mask = t("bart.attention_mask").to_dtype(DType::U32).unwrap();
+    let dec = t("bart.decoder_input_ids").to_dtype(DType::U32).unwrap();
     let enc = m.model.encode(&ids, Some(&mask), Pass::Inference).unwrap();
     let full = m
         .model

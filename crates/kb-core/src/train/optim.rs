@@ -170,8 +170,9 @@ impl AdamW {
                 theta = (theta * d)?;
             }
             // exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-            p.exp_avg = (&p.exp_avg + ((&g - &p.exp_avg)? * (1.0 - c.beta1))?)?;
-            p.exp_avg_sq = ((&p.exp_avg_sq * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let g = g.detach();
+            p.exp_avg = (&p.exp_avg + ((&g - &p.exp_avg)? * (1.0 - c.beta1))?)?.detach();
+            p.exp_avg_sq = ((&p.exp_avg_sq * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?.detach();
             let denom = ((p.exp_avg_sq.sqrt()? / bc2_sqrt)? + c.eps)?;
             let theta = (theta - (p.exp_avg.div(&denom)? * step_size)?)?;
             p.var.set(&theta)?;

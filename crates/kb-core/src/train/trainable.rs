@@ -218,7 +218,10 @@ impl Trainable {
         };
         for (name, var) in vars {
             if let Some(g) = store.get(var.as_tensor()) {
-                out.insert(name, g.to_dtype(DType::F32)?);
+                // Detached: a gradient computed from the graph otherwise keeps that whole step's
+                // graph (activations included) alive for as long as anything derived from it —
+                // an optimizer moment, say — lives, i.e. forever.
+                out.insert(name, g.to_dtype(DType::F32)?.detach());
             }
         }
         Ok(out)
@@ -239,4 +242,51 @@ pub fn masked_cross_entropy(logits: &Tensor, labels: &Tensor, mask: &Tensor) -> 
         return Err(Error::Invalid("batch has no label tokens".into()));
     }
     Ok(((picked * mask)?.sum_all()?.neg()? / count as f64)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Encoded;
+
+    fn tiny() -> BartConfig {
+        BartConfig::from_json_str(
+            r#"{"vocab_size": 40, "d_model": 16, "encoder_layers": 1, "decoder_layers": 1,
+                "encoder_attention_heads": 2, "decoder_attention_heads": 2,
+                "encoder_ffn_dim": 32, "decoder_ffn_dim": 32, "max_position_embeddings": 32,
+                "pad_token_id": 3, "eos_token_id": 1, "bos_token_id": 0,
+                "decoder_start_token_id": 1, "dropout": 0.0}"#,
+            std::path::Path::new("tiny.json"),
+        )
+        .unwrap()
+    }
+
+    /// Gradients must not hold the step's graph: anything derived from them (optimizer
+    /// moments) would otherwise keep every step's activations alive — on a GPU that ran out of
+    /// memory after a few hundred steps.
+    #[test]
+    fn gradients_are_detached_from_the_graph() {
+        for dtype in [DType::F32, DType::BF16] {
+            let cfg = tiny();
+            let mut t = Trainable::from_scratch(&cfg, 1, &Device::Cpu).unwrap();
+            t.set_compute_dtype(&cfg, dtype).unwrap();
+            let e = Encoded {
+                input_ids: vec![5, 6, 7, 1],
+                decoder_input_ids: vec![1, 8, 9],
+                labels: vec![8, 9, 1],
+            };
+            let batch = Batch::build(&[&e], 3, &Device::Cpu).unwrap();
+            let loss = t.loss(&batch, Pass::Training { dropout: None }).unwrap();
+            let grads = t.gradients(&loss).unwrap();
+            assert_eq!(grads.len(), t.parameters().len());
+            for (name, g) in &grads {
+                assert_eq!(g.dtype(), DType::F32, "{name}");
+                // Backpropagating from a detached tensor reaches no variable.
+                let store = (g.sum_all().unwrap() * 2.0).unwrap().backward().unwrap();
+                for (_, var) in t.parameters() {
+                    assert!(store.get(var.as_tensor()).is_none(), "{name} is attached");
+                }
+            }
+        }
+    }
 }
