@@ -5,7 +5,8 @@
                                   [--device cpu|cuda] [--batch 8] [--precision 32|bf16]
                                   [--bench-bin PATH]
 
-One optimizer step (forward, backward, clip_grad_norm_ 1.0, AdamW) on the first 8 rows of
+One optimizer step (forward, backward, clip_grad_norm_ 1.0, AdamW; the mean of --steps steps after
+two warm-up steps, on both sides) on the first 8 rows of
 data/train.tsv at KoBART-v1's shapes (model from scripts/make_random_kobart.py), both
 implementations padding the batch to its longest row. With --epoch, also a whole epoch over
 data/train.tsv: kb-core's epoch (rows padded per batch, length bucketing) against the original
@@ -116,7 +117,8 @@ def bench_torch(model_dir, threads, steps, epoch, device="cpu", batch_size=8, pr
         opt.step()
 
     first = {k: v.to(device) for k, v in torch_batch(tok, data[:batch_size]).items()}
-    step(first)
+    for _ in range(2):  # warm-up, as on kb-core's side
+        step(first)
     sync()
     start = time.perf_counter()
     for _ in range(steps):

@@ -97,7 +97,11 @@ fn main() {
     };
     // The first rows (8 by default), as PyTorch's side uses.
     let first: Vec<&Encoded> = encoded.iter().take(batch_size).collect();
-    step(&first, &mut opt, 0); // warm-up
+    // Two warm-up steps (the same as PyTorch's side): the first ones grow the heap and touch the
+    // optimizer's moments for the first time; steady-state steps are what a run is made of.
+    for i in 0..2 {
+        step(&first, &mut opt, 1000 + i);
+    }
     let start = Instant::now();
     let mut tokens = 0;
     for i in 0..steps {

@@ -344,8 +344,23 @@ pub fn warmup_steps(total: usize, ratio: f64) -> usize {
 /// Global L2 norm of all gradients (`clip_grad_norm_`'s `total_norm`).
 pub fn global_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     let mut sum = 0f64;
+    // Off the CPU, per-tensor sums stay on the device and are read back once (one
+    // synchronisation per step instead of one per parameter).
+    let mut on_device: Option<Tensor> = None;
     for g in grads.values() {
-        sum += sum_of_squares(&g.to_dtype(DType::F32)?)?;
+        let g = g.to_dtype(DType::F32)?;
+        if g.device().is_cpu() {
+            sum += sum_of_squares(&g)?;
+        } else {
+            let s = g.sqr()?.sum_all()?;
+            on_device = Some(match on_device {
+                None => s,
+                Some(acc) => (acc + s)?,
+            });
+        }
+    }
+    if let Some(t) = on_device {
+        sum += t.to_scalar::<f32>()? as f64;
     }
     Ok(sum.sqrt())
 }
