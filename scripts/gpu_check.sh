@@ -25,6 +25,8 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 exec > >(tee "$LOG") 2>&1
 step() { echo; echo "== $* ($(date +%T))"; }
+# SECTIONS="2 3" runs only those sections (default: all).
+want() { [[ " ${SECTIONS:-1 2 3 4 5} " == *" $1 "* ]]; }
 
 step "GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -49,12 +51,16 @@ if [ -n "$root_then" ] && [ ! -e "$root_then" ]; then
     echo "linked $root_then -> $PWD"
 fi
 
+if want 1; then
 step "1. parity with transformers on cuda:0"
 for t in parity generation_parity training_golden; do
     KB_TEST_DEVICE=cuda:0 "$BIN/$t" --nocapture 2>&1 | grep -E 'diff|test |result|panicked|error' || true
 done
 "$BIN/kb-core-lib" single_rank_nccl --nocapture 2>&1 | grep -E 'test |result|skipped|panicked' || true
 
+fi
+
+if want 2; then
 step "2. kb-train on the GPU (quickstart recipe, 4 epochs)"
 RUN=/tmp/kb-gpu-run
 rm -rf "$RUN" "$RUN-bf16"
@@ -75,11 +81,18 @@ timeout 120 "$BIN/kb-train" --config configs/quickstart-cpu.toml --accelerator g
     --max_steps 2 --checkpoint /tmp/kb-gpu-two 2>&1 | grep -v '^ *[0-9]*: ' | tail -3
 echo "exit status: ${PIPESTATUS[0]}"
 
-step "3. training step at KoBART-v1 shapes, batch 8, vs PyTorch on the same GPU"
+fi
+
 MODEL=/tmp/kobart-random
-python3 scripts/make_random_kobart.py "$MODEL" 2>&1 | tail -1
+if want 3 || want 4 || want 5; then
+    python3 scripts/make_random_kobart.py "$MODEL" 2>&1 | tail -1
+fi
+if want 3; then
+step "3. training step at KoBART-v1 shapes, batch 8, vs PyTorch on the same GPU"
 python3 scripts/bench_train.py --device cuda --model "$MODEL" --steps 20 --bench-bin "$BIN/train_step" 2>&1 | tail -6
 python3 scripts/bench_train.py --device cuda --model "$MODEL" --steps 20 --precision bf16 --bench-bin "$BIN/train_step" 2>&1 | tail -6
+
+fi
 
 serve_check() { # DTYPE
     local dtype=$1
@@ -114,9 +127,12 @@ serve_check() { # DTYPE
     kill "$SERVE"; wait "$SERVE" 2>/dev/null
 }
 gpu_mib() { nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits | awk -F', ' -v p="$SERVE" '$1 == p {print $2}'; }
-serve_check f32
-serve_check f16
+if want 4; then
+    serve_check f32
+    serve_check f16
+fi
 
+want 5 && {
 step "5. the original's serving stack for comparison: transformers generate (beam 5) on cuda:0, f32"
 python3 - "$MODEL" <<'PY'
 import subprocess, sys, os, torch
@@ -134,4 +150,6 @@ mine = [l.split(", ")[1] for l in out.splitlines() if l.split(", ")[0] == str(os
 print(f"PyTorch process GPU memory after batched beam-5 generation: {mine[0] if mine else '?'} MiB "
       f"(torch max allocated {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB)")
 PY
+}
+
 echo; echo "gpu_check done"
