@@ -180,7 +180,9 @@ pub(crate) fn build_replica(
                 let t = moments.get(&k).ok_or_else(|| {
                     Error::Invalid(format!("the checkpoint's optimizer.safetensors lacks {k}"))
                 })?;
-                Ok(t.to_device(device)?)
+                // A copy of its own: the CPU optimizer updates moments in place, and on the
+                // same device `to_device` would share the buffer with every other worker.
+                Ok(t.to_device(device)?.copy()?)
             };
             p.exp_avg = get(format!("exp_avg.{}", p.name))?;
             p.exp_avg_sq = get(format!("exp_avg_sq.{}", p.name))?;
