@@ -2,33 +2,24 @@
 //! training, with an in-process all-reduce in place of NCCL. N workers × batch B must train the
 //! same model as 1 worker × batch N·B.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
 
 /// The first `n_train`/`n_test` rows of data/ and a 1+1-layer BART with dropout off (dropout
 /// masks are drawn per worker, so only a dropout-free model can be compared exactly).
-fn workspace(n_train: usize, n_test: usize) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let slice = |src: &str, n: usize, dest: &str| {
-        let text = std::fs::read_to_string(root().join(src)).unwrap();
-        let lines: Vec<&str> = text.lines().take(n + 1).collect();
-        std::fs::write(dir.path().join(dest), lines.join("\n") + "\n").unwrap();
-    };
-    slice("data/train.tsv", n_train, "train.tsv");
-    slice("data/test.tsv", n_test, "test.tsv");
-    std::fs::write(
-        dir.path().join("model.json"),
+fn dp_workspace(n_train: usize, n_test: usize) -> tempfile::TempDir {
+    workspace(
+        n_train,
+        n_test,
         r#"{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
             "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
             "max_position_embeddings": 64, "dropout": 0.0, "attention_dropout": 0.0,
             "activation_dropout": 0.0, "init_std": 0.05}"#,
     )
-    .unwrap();
-    dir
 }
 
 fn kb_train(dir: &Path, extra: &[&str]) -> Output {
@@ -51,53 +42,7 @@ fn kb_train(dir: &Path, extra: &[&str]) -> Output {
         "1",
     ];
     args.extend_from_slice(extra);
-    Command::new(env!("CARGO_BIN_EXE_kb-train"))
-        .current_dir(dir)
-        .args(&args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "kb-train failed:\n{err}");
-    err
-}
-
-fn failure(out: &Output) -> String {
-    assert!(!out.status.success(), "kb-train should have failed");
-    String::from_utf8_lossy(&out.stderr).to_string()
-}
-
-/// `(step, train_loss or val_loss)` records of a run.
-fn losses(run: &Path, key: &str) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v[key].is_number())
-        .map(|v| (v["step"].as_u64().unwrap(), v[key].as_f64().unwrap()))
-        .collect()
-}
-
-/// Tensors of a checkpoint: name, dtype, values.
-fn weights(dir: &Path) -> Vec<(String, safetensors::Dtype, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let v = t
-                .data()
-                .chunks(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (n, t.dtype(), v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    run_kb_train(dir, &args)
 }
 
 fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], tol: f64, what: &str) {
@@ -117,23 +62,6 @@ fn assert_losses_close(a: &[(u64, f64)], b: &[(u64, f64)], tol: f64, what: &str)
     }
 }
 
-/// Largest absolute difference between two checkpoints' tensors, and its tensor.
-fn max_weight_difference(a: &Path, b: &Path) -> (f32, String) {
-    let (wa, wb) = (weights(a), weights(b));
-    assert_eq!(wa.len(), wb.len());
-    let mut worst = (0f32, String::new());
-    for ((na, _, va), (nb, _, vb)) in wa.iter().zip(&wb) {
-        assert_eq!(na, nb);
-        for (x, y) in va.iter().zip(vb) {
-            let d = (x - y).abs();
-            if d > worst.0 {
-                worst = (d, na.clone());
-            }
-        }
-    }
-    worst
-}
-
 // Tolerances. Splitting a batch changes only the order in which float32 gradient sums are
 // taken (one sum over 8 rows versus two sums over 4 rows added together), so the runs agree to
 // rounding: losses to 1e-5, weights to 2e-5. Measured here: 3.6e-6 (2×4) and 5.3e-6 (3×3),
@@ -145,7 +73,7 @@ const WEIGHT_TOL: f32 = 2e-5;
 
 #[test]
 fn two_workers_of_four_train_the_same_model_as_one_worker_of_eight() {
-    let dir = workspace(64, 16);
+    let dir = dp_workspace(64, 16);
     // 64 rows in global batches of 8: 8 steps per epoch; 6 steps end mid-epoch.
     let common = ["--max_steps", "6", "--val_check_interval", "3"];
     ok(&kb_train(
@@ -197,7 +125,7 @@ fn two_workers_of_four_train_the_same_model_as_one_worker_of_eight() {
 fn workers_left_without_rows_still_take_part() {
     // 64 rows in global batches of 9: the epoch's last batch has 1 row, so two of the three
     // workers get none in that step and contribute zero gradient.
-    let dir = workspace(64, 16);
+    let dir = dp_workspace(64, 16);
     ok(&kb_train(
         dir.path(),
         &[
@@ -240,7 +168,7 @@ fn workers_left_without_rows_still_take_part() {
 
 #[test]
 fn a_data_parallel_run_resumes_exactly() {
-    let dir = workspace(48, 8);
+    let dir = dp_workspace(48, 8);
     let common = [
         "--batch_size",
         "4",
@@ -275,7 +203,7 @@ fn a_data_parallel_run_resumes_exactly() {
 
 #[test]
 fn bf16_training_learns_and_keeps_f32_weights() {
-    let dir = workspace(64, 16);
+    let dir = dp_workspace(64, 16);
     let common = ["--batch_size", "8", "--max_steps", "8"];
     ok(&kb_train(
         dir.path(),
@@ -319,7 +247,7 @@ fn bf16_training_learns_and_keeps_f32_weights() {
 
 #[test]
 fn parallel_flags_are_checked() {
-    let dir = workspace(16, 8);
+    let dir = dp_workspace(16, 8);
     let err = failure(&kb_train(dir.path(), &["--num_gpus", "2"]));
     assert!(err.contains("--dp_workers"), "{err}");
     let err = failure(&kb_train(dir.path(), &["--dp_workers", "0"]));

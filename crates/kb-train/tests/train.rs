@@ -1,30 +1,21 @@
 //! End-to-end tests of `kb-train` on small slices of the project's data with a tiny model.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
 
 /// A tiny from-scratch setup: the first `n_train`/`n_test` rows of data/, a 1+1-layer BART.
-fn workspace(n_train: usize, n_test: usize) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let slice = |src: &str, n: usize, dest: &str| {
-        let text = std::fs::read_to_string(root().join(src)).unwrap();
-        let lines: Vec<&str> = text.lines().take(n + 1).collect();
-        std::fs::write(dir.path().join(dest), lines.join("\n") + "\n").unwrap();
-    };
-    slice("data/train.tsv", n_train, "train.tsv");
-    slice("data/test.tsv", n_test, "test.tsv");
-    std::fs::write(
-        dir.path().join("model.json"),
+fn tiny_workspace(n_train: usize, n_test: usize) -> tempfile::TempDir {
+    workspace(
+        n_train,
+        n_test,
         r#"{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
             "decoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64,
             "max_position_embeddings": 64, "dropout": 0.1}"#,
     )
-    .unwrap();
-    dir
 }
 
 fn kb_train(dir: &Path, extra: &[&str]) -> Output {
@@ -52,56 +43,17 @@ fn kb_train(dir: &Path, extra: &[&str]) -> Output {
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
-    Command::new(env!("CARGO_BIN_EXE_kb-train"))
-        .current_dir(dir)
-        .args(&args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(out.status.success(), "kb-train failed:\n{err}");
-    err
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_kb_train(dir, &args)
 }
 
 fn train_losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["train_loss"].is_number())
-        .map(|v| {
-            (
-                v["step"].as_u64().unwrap(),
-                v["train_loss"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
-
-fn weights(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut out: Vec<(String, Vec<f32>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| {
-            let v = t
-                .data()
-                .chunks(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (n, v)
-        })
-        .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    out
+    losses(run, "train_loss")
 }
 
 #[test]
 fn resume_reproduces_an_uninterrupted_run() {
-    let dir = workspace(64, 16);
+    let dir = tiny_workspace(64, 16);
     // 64 rows / 8 = 8 batches per epoch, 2 epochs = 16 steps.
     ok(&kb_train(
         dir.path(),
@@ -137,23 +89,16 @@ fn resume_reproduces_an_uninterrupted_run() {
     for (a, b) in full.iter().zip(&split) {
         assert!((a.1 - b.1).abs() < 1e-6, "step {}: {} vs {}", a.0, a.1, b.1);
     }
-    let wa = weights(&dir.path().join("full/model_chp/last"));
-    let wb = weights(&dir.path().join("split/model_chp/last"));
-    assert_eq!(wa.len(), wb.len());
-    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
-        assert_eq!(na, nb);
-        let d = va
-            .iter()
-            .zip(vb)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
-        assert!(d < 1e-6, "{na} differs by {d}");
-    }
+    let (d, name) = max_weight_difference(
+        &dir.path().join("full/model_chp/last"),
+        &dir.path().join("split/model_chp/last"),
+    );
+    assert!(d < 1e-6, "{name} differs by {d}");
 }
 
 #[test]
 fn checkpoints_are_named_like_the_original_and_load_as_models() {
-    let dir = workspace(48, 16);
+    let dir = tiny_workspace(48, 16);
     ok(&kb_train(
         dir.path(),
         &[
@@ -202,7 +147,7 @@ fn checkpoints_are_named_like_the_original_and_load_as_models() {
 #[test]
 fn a_small_model_learns_project_data() {
     // Fixed seed: validation loss must fall from ~ln(vocab) to below 4.0 within 120 steps.
-    let dir = workspace(480, 48);
+    let dir = tiny_workspace(480, 48);
     ok(&kb_train(
         dir.path(),
         &[
@@ -230,7 +175,7 @@ fn a_small_model_learns_project_data() {
 
 #[test]
 fn non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
-    let dir = workspace(64, 16);
+    let dir = tiny_workspace(64, 16);
     let out = kb_train(
         dir.path(),
         &[
@@ -265,7 +210,7 @@ fn non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint() {
 
 #[test]
 fn original_flags_config_files_and_bad_inputs() {
-    let dir = workspace(16, 8);
+    let dir = tiny_workspace(16, 8);
     // The original's flags, spelled as it spelled them.
     let out = kb_train(
         dir.path(),

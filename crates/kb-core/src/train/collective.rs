@@ -153,35 +153,34 @@ impl InProcessGroup {
 }
 
 fn sum_in_rank_order(slots: &[Option<Payload>]) -> Result<Payload> {
-    let mismatch = || Error::Invalid("training workers exchanged values of different sizes".into());
     match slots[0].as_ref().expect("every rank deposited") {
-        Payload::F32(first) => {
-            let mut acc = first.as_ref().clone();
-            for s in &slots[1..] {
-                let Some(Payload::F32(v)) = s else {
-                    return Err(mismatch());
-                };
-                if v.len() != acc.len() {
-                    return Err(mismatch());
-                }
-                acc.iter_mut().zip(v.iter()).for_each(|(a, b)| *a += b);
-            }
-            Ok(Payload::F32(Arc::new(acc)))
-        }
-        Payload::F64(first) => {
-            let mut acc = first.as_ref().clone();
-            for s in &slots[1..] {
-                let Some(Payload::F64(v)) = s else {
-                    return Err(mismatch());
-                };
-                if v.len() != acc.len() {
-                    return Err(mismatch());
-                }
-                acc.iter_mut().zip(v.iter()).for_each(|(a, b)| *a += b);
-            }
-            Ok(Payload::F64(Arc::new(acc)))
-        }
+        Payload::F32(_) => Ok(Payload::F32(Arc::new(sum_slots(slots, |p| match p {
+            Payload::F32(v) => Some(v.as_slice()),
+            Payload::F64(_) => None,
+        })?))),
+        Payload::F64(_) => Ok(Payload::F64(Arc::new(sum_slots(slots, |p| match p {
+            Payload::F64(v) => Some(v.as_slice()),
+            Payload::F32(_) => None,
+        })?))),
     }
+}
+
+/// Element-wise sum of every rank's values, rank 0 first.
+fn sum_slots<T: Copy + std::ops::AddAssign>(
+    slots: &[Option<Payload>],
+    values: impl Fn(&Payload) -> Option<&[T]>,
+) -> Result<Vec<T>> {
+    let mismatch = || Error::Invalid("training workers exchanged values of different sizes".into());
+    let mut parts = slots.iter().map(|s| s.as_ref().and_then(&values));
+    let mut acc = parts.next().flatten().ok_or_else(mismatch)?.to_vec();
+    for part in parts {
+        let part = part.ok_or_else(mismatch)?;
+        if part.len() != acc.len() {
+            return Err(mismatch());
+        }
+        acc.iter_mut().zip(part).for_each(|(a, &b)| *a += b);
+    }
+    Ok(acc)
 }
 
 impl Collective for InProcessGroup {
