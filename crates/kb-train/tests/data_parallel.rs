@@ -249,7 +249,15 @@ fn bf16_training_learns_and_keeps_f32_weights() {
 fn parallel_flags_are_checked() {
     let dir = dp_workspace(16, 8);
     let err = failure(&kb_train(dir.path(), &["--num_gpus", "2"]));
-    assert!(err.contains("--dp_workers"), "{err}");
+    assert!(
+        err.contains("--num_gpus") && err.contains("--dp_workers"),
+        "{err}"
+    );
+    let err = failure(&kb_train(dir.path(), &["--devices", "0"]));
+    assert!(
+        err.contains("--devices") && err.contains("--accelerator gpu"),
+        "{err}"
+    );
     let err = failure(&kb_train(dir.path(), &["--dp_workers", "0"]));
     assert!(err.contains("dp_workers"), "{err}");
     let err = failure(&kb_train(dir.path(), &["--precision", "16"]));

@@ -276,7 +276,13 @@ impl TrainSettings {
         }
         match self.accelerator {
             Accelerator::Cpu => {
-                if self.num_gpus > 1 || self.devices.is_some() {
+                if self.devices.is_some() {
+                    return Err((
+                        "devices",
+                        "GPUs need --accelerator gpu; for data-parallel training on the CPU use --dp_workers N".into(),
+                    ));
+                }
+                if self.num_gpus > 1 {
                     return Err((
                         "num_gpus",
                         "GPUs need --accelerator gpu; for data-parallel training on the CPU use --dp_workers N".into(),
