@@ -119,8 +119,7 @@ fn fresh_setup(settings: &TrainSettings, train: &Dataset) -> Result<Setup> {
             if !note.is_empty() {
                 eprintln!("kb-train: {note}");
             }
-            // Through a Trainable so that every expected tensor is checked present.
-            let tensors = Trainable::from_tensors(&cfg, tensors, &host)?.tensors();
+            // load_checked has checked every expected tensor; each worker's replica copies them.
             (cfg, tensors, tokenizer, config_json)
         }
         InitMode::Scratch => {
