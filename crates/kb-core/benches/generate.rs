@@ -1,5 +1,5 @@
-//! Generation speed at a real model's shapes: milliseconds per query for exactly 16 new tokens,
-//! batch 1, greedy and beam 5, in f32 and bf16.
+//! Generation speed at a real model's shapes: milliseconds per query for exactly 16 new tokens
+//! (`KB_BENCH_NEW_TOKENS`), batch 1, greedy and beam 5, in f32 and bf16.
 //!
 //! ```text
 //! KB_BENCH_MODEL=/tmp/kobart-random cargo bench -p kb-core --bench generate
@@ -20,6 +20,7 @@ const QUERIES: [&str; 4] = [
 ];
 
 fn main() {
+    kb_core::threads::fix_thread_count();
     let Ok(dir) = std::env::var("KB_BENCH_MODEL") else {
         eprintln!("set KB_BENCH_MODEL to a model folder (e.g. from scripts/make_random_kobart.py)");
         return;
@@ -37,6 +38,10 @@ fn main() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
+    let new_tokens: usize = std::env::var("KB_BENCH_NEW_TOKENS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(16);
     for dtype in dtypes {
         let model = KeywordModel::load_dir(std::path::Path::new(&dir), dtype, &Device::Cpu)
             .expect("load model");
@@ -44,10 +49,10 @@ fn main() {
         for beams in [1usize, 5] {
             let mut cfg = model.generation.clone();
             cfg.num_beams = beams;
-            cfg.max_length = 17; // decoder start + 16 tokens
+            cfg.max_length = new_tokens + 1; // decoder start + the new tokens
             cfg.max_new_tokens = None;
-            cfg.min_length = 17; // no early end: exactly 16 decoder steps
-                                 // warm-up
+            cfg.min_length = new_tokens + 1; // no early end: exactly that many decoder steps
+                                             // warm-up
             generate(&model.model, &inputs[..1], &cfg).expect("generate");
             let start = Instant::now();
             let mut n = 0;
@@ -55,7 +60,7 @@ fn main() {
                 for q in &inputs {
                     let out =
                         generate(&model.model, std::slice::from_ref(q), &cfg).expect("generate");
-                    assert_eq!(out[0].ids.len(), 16);
+                    assert_eq!(out[0].ids.len(), new_tokens);
                     n += 1;
                 }
             }

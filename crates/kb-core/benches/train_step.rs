@@ -21,6 +21,7 @@ use kb_core::weights::{load_checked, WeightFiles};
 use kb_core::{BartConfig, KoTokenizer};
 
 fn main() {
+    kb_core::threads::fix_thread_count();
     let Ok(dir) = std::env::var("KB_BENCH_MODEL") else {
         eprintln!("set KB_BENCH_MODEL to a model folder (e.g. from scripts/make_random_kobart.py)");
         return;

@@ -8,7 +8,10 @@
 //! the buffers of one step reuse the memory of the previous one.
 
 /// Makes the allocator retain freed memory for reuse (glibc on Linux; elsewhere a no-op).
-/// The process's resident memory then stays at its peak, which suits a training run.
+/// The process's resident memory then stays at its peak, which suits a training run; a server
+/// combines it with [`release_freed_memory`] after each batch, so that the steps of one batch
+/// reuse each other's buffers (one page fault per page per batch instead of per step) while
+/// the memory still goes back between batches.
 pub fn retain_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

@@ -26,6 +26,7 @@ pub mod model;
 pub mod pipeline;
 pub mod source;
 pub mod synonyms;
+pub mod threads;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

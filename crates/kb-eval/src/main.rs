@@ -112,6 +112,7 @@ struct Report {
 }
 
 fn main() {
+    kb_core::threads::fix_thread_count();
     if let Err(e) = run(Args::parse()) {
         eprintln!("kb-eval: error: {e:#}");
         std::process::exit(1);

@@ -90,6 +90,7 @@ struct Args {
 }
 
 fn main() {
+    kb_core::threads::fix_thread_count();
     if let Err(e) = run(Args::parse()) {
         let broken_pipe = e.chain().any(|c| {
             c.downcast_ref::<std::io::Error>()

@@ -7,8 +7,12 @@ use kb_serve::{Args, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    kb_core::threads::fix_thread_count();
     let args = Args::parse();
     kb_core::allocator::limit_arenas(2);
+    // Within a batch, freed buffers are reused instead of unmapped and faulted in again every
+    // decoding step; after each batch the backend hands the freed memory back.
+    kb_core::allocator::retain_freed_memory();
     init_logging(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

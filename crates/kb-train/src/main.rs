@@ -197,6 +197,7 @@ impl Args {
 }
 
 fn main() {
+    kb_core::threads::fix_thread_count();
     let args = Args::parse();
     kb_core::allocator::retain_freed_memory();
     if let Err(e) = run(&args) {

@@ -2,6 +2,7 @@
 //! encoder-decoder models (transformers 4.57's vectorised beam search, step for step).
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use super::config::{EarlyStopping, GenerationConfig};
 use super::processors::{log_softmax_in_place, process};
@@ -72,11 +73,13 @@ pub fn generate(
     let (ids, mask) = pad_batch(model, inputs, pad)?;
     let encoded = model.encode(&ids, Some(&mask), Pass::Inference)?;
     if cfg.num_beams == 1 {
-        let cache = model.start_decoding(&encoded, Some(&mask))?;
+        let mut cache = model.start_decoding(&encoded, Some(&mask))?;
+        cache.reserve(cfg.effective_max_length());
         greedy(model, cache, inputs.len(), cfg)
     } else {
         // The beams of an input share its encoder output and cross-attention keys/values.
-        let cache = model.start_decoding_grouped(&encoded, Some(&mask), cfg.num_beams)?;
+        let mut cache = model.start_decoding_grouped(&encoded, Some(&mask), cfg.num_beams)?;
+        cache.reserve(cfg.effective_max_length());
         beam_search(model, cache, inputs.len(), cfg)
     }
 }
@@ -86,6 +89,22 @@ fn step_logits(model: &Bart, cache: &mut DecoderCache, last: &[u32]) -> Result<V
     let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
     let logits = model.decode_step(&ids, cache)?.squeeze(1)?;
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// [`step_logits`] as one flat row-major buffer (`rows × vocab`) and the vocabulary size.
+fn step_logits_flat(
+    model: &Bart,
+    cache: &mut DecoderCache,
+    last: &[u32],
+) -> Result<(Vec<f32>, usize)> {
+    let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
+    let logits = model.decode_step(&ids, cache)?.squeeze(1)?;
+    let vocab = logits.dim(1)?;
+    let flat = logits
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok((flat, vocab))
 }
 
 fn greedy(
@@ -140,18 +159,54 @@ fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// Orders `(score, index)` pairs best first: larger score, then lower index (NaN last).
+fn rank(a: &(f32, usize), b: &(f32, usize)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Score used for ranking: NaN ranks as -inf.
+fn rank_key(v: f32) -> f32 {
+    if v.is_nan() {
+        f32::NEG_INFINITY
+    } else {
+        v
+    }
+}
+
 /// The `k` largest values of `scores` as `(value, index)`, largest first (ties: lower index first).
 fn top_k(scores: &[f32], k: usize) -> Vec<(f32, usize)> {
-    let key = |v: f32| if v.is_nan() { f32::NEG_INFINITY } else { v };
-    let mut all: Vec<(f32, usize)> = scores.iter().map(|&v| key(v)).zip(0..).collect();
-    let cmp = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let mut all: Vec<(f32, usize)> = scores.iter().map(|&v| rank_key(v)).zip(0..).collect();
     let k = k.min(all.len());
     if k < all.len() {
-        all.select_nth_unstable_by(k, cmp);
+        all.select_nth_unstable_by(k, rank);
         all.truncate(k);
     }
-    all.sort_by(cmp);
+    all.sort_by(rank);
     all
+}
+
+/// Adds to `best` (kept sorted by [`rank`], at most `k` long) the `k` best of
+/// `scores[i] + offset`, indexed `base + i`. Equivalent to [`top_k`] over the concatenation
+/// of every row passed, because rows come in increasing `base` order and a candidate only
+/// displaces a strictly worse one; one pass over the row, no copy of it.
+fn push_top_k(best: &mut Vec<(f32, usize)>, scores: &[f32], offset: f32, base: usize, k: usize) {
+    if k == 0 {
+        return;
+    }
+    // The row's own best k first (most of the row is rejected by one comparison).
+    let mut row: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
+    for (i, &v) in scores.iter().enumerate() {
+        let key = rank_key(v + offset);
+        if row.len() == k && key <= row[k - 1].0 {
+            continue;
+        }
+        let at = row.partition_point(|e| e.0 >= key);
+        row.insert(at, (key, base + i));
+        row.truncate(k);
+    }
+    best.extend(row);
+    best.sort_by(rank);
+    best.truncate(k);
 }
 
 /// A hypothesis: decoder tokens (start token included) and its score.
@@ -206,85 +261,21 @@ fn beam_search(
             .iter()
             .flat_map(|s| s.running.iter().map(|h| *h.tokens.last().unwrap_or(&0)))
             .collect();
-        let logits = step_logits(model, &mut cache, &last)?;
-        let vocab = logits[0].len();
+        let (mut logits, vocab) = step_logits_flat(model, &mut cache, &last)?;
+        // Each input's beams are scored independently: in parallel over inputs.
+        let outcomes: Vec<(Vec<u32>, bool)> = states
+            .par_iter_mut()
+            .zip(logits.par_chunks_mut(k * vocab))
+            .enumerate()
+            .map(|(b, (state, rows))| {
+                beam_step(state, rows, vocab, b, cur_len, keep, max_length, cfg)
+            })
+            .collect();
         let mut reorder = Vec::with_capacity(batch * k);
         let mut all_hit = true;
-        for (b, state) in states.iter_mut().enumerate() {
-            // Accumulated log-probabilities of every (beam, token) continuation.
-            let mut acc = Vec::with_capacity(k * vocab);
-            for (j, hyp) in state.running.iter().enumerate() {
-                let mut row = logits[b * k + j].clone();
-                log_softmax_in_place(&mut row);
-                process(&mut row, &hyp.tokens, cfg);
-                acc.extend(row.into_iter().map(|v| v + hyp.score));
-            }
-            let cands: Vec<(f32, usize, u32, bool)> = top_k(&acc, keep)
-                .into_iter()
-                .map(|(score, idx)| {
-                    let token = (idx % vocab) as u32;
-                    let hit = cfg.eos_token_ids.contains(&token) || cur_len + 1 >= max_length;
-                    (score, idx / vocab, token, hit)
-                })
-                .collect();
-            all_hit &= cands.iter().all(|c| c.3);
-            let extend = |beam: usize, token: u32| {
-                let mut t = state.running[beam].tokens.clone();
-                t.push(token);
-                t
-            };
-
-            // Next running beams: the best continuations that did not stop.
-            let running_scores: Vec<f32> = cands
-                .iter()
-                .map(|c| c.0 + if c.3 { MASKED } else { 0.0 })
-                .collect();
-            let next_running: Vec<(Hypothesis, usize)> = top_k(&running_scores, k)
-                .into_iter()
-                .map(|(score, i)| {
-                    let (_, beam, token, _) = cands[i];
-                    (
-                        Hypothesis {
-                            tokens: extend(beam, token),
-                            score,
-                            finished: false,
-                        },
-                        beam,
-                    )
-                })
-                .collect();
-
-            // Finished hypotheses: merge the stopped top-k candidates into the kept ones.
-            let denom = ((cur_len + 1 - prompt_len) as f64).powf(lp) as f32;
-            let batch_full = state.finished.iter().all(|h| h.finished)
-                && cfg.early_stopping == EarlyStopping::True;
-            let mut merged: Vec<Hypothesis> = state.finished.clone();
-            for (i, &(score, beam, token, hit)) in cands.iter().enumerate() {
-                let just_finished = hit && i < k;
-                let mut s = score / denom;
-                if batch_full {
-                    s += MASKED;
-                }
-                if !state.improvement_possible {
-                    s += MASKED;
-                }
-                if !just_finished {
-                    s += MASKED;
-                }
-                merged.push(Hypothesis {
-                    tokens: extend(beam, token),
-                    score: s,
-                    finished: just_finished,
-                });
-            }
-            let merged_scores: Vec<f32> = merged.iter().map(|h| h.score).collect();
-            state.finished = top_k(&merged_scores, k)
-                .into_iter()
-                .map(|(_, i)| merged[i].clone())
-                .collect();
-
-            reorder.extend(next_running.iter().map(|(_, beam)| (b * k + beam) as u32));
-            state.running = next_running.into_iter().map(|(h, _)| h).collect();
+        for (rows, hit) in outcomes {
+            reorder.extend(rows);
+            all_hit &= hit;
         }
         cache.reorder(&reorder)?;
         cur_len += 1;
@@ -328,6 +319,103 @@ fn beam_search(
         .collect())
 }
 
+/// One beam-search step for one input: scores its beams' continuations from `rows` (its `k`
+/// rows of logits, `vocab` wide; turned into processed log-probabilities in place), updates its
+/// running and finished hypotheses and returns the cache rows its new beams continue (global
+/// indices) and whether every candidate stopped.
+#[allow(clippy::too_many_arguments)]
+fn beam_step(
+    state: &mut BeamState,
+    rows: &mut [f32],
+    vocab: usize,
+    b: usize,
+    cur_len: usize,
+    keep: usize,
+    max_length: usize,
+    cfg: &GenerationConfig,
+) -> (Vec<u32>, bool) {
+    let k = cfg.num_beams;
+    let prompt_len = 1usize;
+    let lp = cfg.length_penalty;
+    // The best `keep` accumulated log-probabilities over every (beam, token) continuation.
+    let mut best = Vec::with_capacity(keep + 1);
+    for (j, (hyp, row)) in state.running.iter().zip(rows.chunks_mut(vocab)).enumerate() {
+        log_softmax_in_place(row);
+        process(row, &hyp.tokens, cfg);
+        push_top_k(&mut best, row, hyp.score, j * vocab, keep);
+    }
+    let cands: Vec<(f32, usize, u32, bool)> = best
+        .into_iter()
+        .map(|(score, idx)| {
+            let token = (idx % vocab) as u32;
+            let hit = cfg.eos_token_ids.contains(&token) || cur_len + 1 >= max_length;
+            (score, idx / vocab, token, hit)
+        })
+        .collect();
+    let all_hit = cands.iter().all(|c| c.3);
+    let extend = |beam: usize, token: u32| {
+        let mut t = state.running[beam].tokens.clone();
+        t.push(token);
+        t
+    };
+
+    // Next running beams: the best continuations that did not stop.
+    let running_scores: Vec<f32> = cands
+        .iter()
+        .map(|c| c.0 + if c.3 { MASKED } else { 0.0 })
+        .collect();
+    let next_running: Vec<(Hypothesis, usize)> = top_k(&running_scores, k)
+        .into_iter()
+        .map(|(score, i)| {
+            let (_, beam, token, _) = cands[i];
+            (
+                Hypothesis {
+                    tokens: extend(beam, token),
+                    score,
+                    finished: false,
+                },
+                beam,
+            )
+        })
+        .collect();
+
+    // Finished hypotheses: merge the stopped top-k candidates into the kept ones.
+    let denom = ((cur_len + 1 - prompt_len) as f64).powf(lp) as f32;
+    let batch_full =
+        state.finished.iter().all(|h| h.finished) && cfg.early_stopping == EarlyStopping::True;
+    let mut merged: Vec<Hypothesis> = state.finished.clone();
+    for (i, &(score, beam, token, hit)) in cands.iter().enumerate() {
+        let just_finished = hit && i < k;
+        let mut s = score / denom;
+        if batch_full {
+            s += MASKED;
+        }
+        if !state.improvement_possible {
+            s += MASKED;
+        }
+        if !just_finished {
+            s += MASKED;
+        }
+        merged.push(Hypothesis {
+            tokens: extend(beam, token),
+            score: s,
+            finished: just_finished,
+        });
+    }
+    let merged_scores: Vec<f32> = merged.iter().map(|h| h.score).collect();
+    state.finished = top_k(&merged_scores, k)
+        .into_iter()
+        .map(|(_, i)| merged[i].clone())
+        .collect();
+
+    let reorder = next_running
+        .iter()
+        .map(|(_, beam)| (b * k + beam) as u32)
+        .collect();
+    state.running = next_running.into_iter().map(|(h, _)| h).collect();
+    (reorder, all_hit)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,6 +425,31 @@ mod tests {
         let v = [0.5f32, 2.0, f32::NEG_INFINITY, 2.0, 1.0, f32::NAN];
         assert_eq!(top_k(&v, 3), vec![(2.0, 1), (2.0, 3), (1.0, 4)]);
         assert_eq!(top_k(&v, 10).len(), 6);
+    }
+
+    #[test]
+    fn row_by_row_top_k_equals_top_k_of_the_concatenation() {
+        // Ties within and across rows, NaN, -inf, offsets that create ties after rounding.
+        let rows: [&[f32]; 3] = [
+            &[0.5, 2.0, f32::NEG_INFINITY, 2.0, 1.0, f32::NAN],
+            &[2.0, 1.0, 1.0, 3.0, f32::NEG_INFINITY, 0.25],
+            &[f32::NEG_INFINITY; 6],
+        ];
+        let offsets = [0.0f32, -1.0, 1e9];
+        for k in [1, 2, 4, 7, 18, 30] {
+            let mut best = Vec::new();
+            let mut all = Vec::new();
+            for (j, (row, off)) in rows.iter().zip(offsets).enumerate() {
+                push_top_k(&mut best, row, off, j * row.len(), k);
+                all.extend(row.iter().map(|v| v + off));
+            }
+            let want = top_k(&all, k);
+            assert_eq!(best.len(), want.len(), "k={k}");
+            for (a, b) in best.iter().zip(&want) {
+                assert_eq!(a.1, b.1, "k={k}: {best:?} vs {want:?}");
+                assert!(a.0 == b.0 || (a.0.is_infinite() && b.0.is_infinite()));
+            }
+        }
     }
 
     #[test]

@@ -5,13 +5,17 @@
 //! `final_logits_bias`, `lm_head.weight` (tied to the shared embedding unless
 //! `tie_word_embeddings` is false).
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
+use super::kv_cache::SelfAttentionCache;
 use super::layers::{
     additive_causal_mask, additive_padding_mask, dropout, matmul_weight_t, Attention, FeedForward,
     KeyValues, LayerNorm, Pass,
 };
+use super::step_attention;
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
 
@@ -153,10 +157,44 @@ struct DecoderLayer {
     pre_ln: bool,
 }
 
+/// The encoder's padding mask as cross-attention uses it.
+#[derive(Debug, Clone, Default)]
+struct EncoderMask {
+    /// Additive `(rows, 1, 1, keys)` mask in the model's dtype (`None`: nothing masked).
+    additive: Option<Tensor>,
+    /// The same values as f32 on the host, `rows × keys`, for the fused CPU step kernel
+    /// (present when that kernel applies).
+    host: Option<Arc<[f32]>>,
+}
+
+impl EncoderMask {
+    fn new(mask: Option<&Tensor>, dtype: DType) -> candle_core::Result<Self> {
+        let Some(mask) = mask else {
+            return Ok(Self::default());
+        };
+        let additive = additive_padding_mask(mask, dtype)?;
+        let host = if step_attention::applies(&additive) {
+            Some(additive.flatten_all()?.to_vec1::<f32>()?.into())
+        } else {
+            None
+        };
+        Ok(Self {
+            additive: Some(additive),
+            host,
+        })
+    }
+}
+
+/// Whether `x` `(rows, positions, dim)` is a single-position inference step that the fused CPU
+/// attention kernel can serve.
+fn single_query_step(x: &Tensor, pass: Pass<'_>) -> candle_core::Result<bool> {
+    Ok(!pass.differentiable() && x.dim(1)? == 1 && step_attention::applies(x))
+}
+
 /// Cached keys and values of one decoder layer.
 #[derive(Debug, Clone)]
 struct LayerCache {
-    self_kv: Option<KeyValues>,
+    self_kv: SelfAttentionCache,
     cross_kv: KeyValues,
 }
 
@@ -195,32 +233,39 @@ impl DecoderLayer {
         })
     }
 
-    /// Self-attention sub-block; returns the output and the layer's updated self keys/values.
+    /// Self-attention sub-block. Without a cache `x` attends to itself (under `mask`); with one,
+    /// `x`'s keys/values are appended to it and `x` attends to everything cached.
     fn self_block(
         &self,
         x: &Tensor,
-        past: Option<&KeyValues>,
+        cache: Option<&mut SelfAttentionCache>,
         mask: Option<&Tensor>,
         pass: Pass<'_>,
-    ) -> candle_core::Result<(Tensor, KeyValues)> {
+    ) -> candle_core::Result<Tensor> {
         let input = if self.pre_ln {
             self.self_attn_layer_norm.forward(x, pass)?
         } else {
             x.clone()
         };
         let new_kv = self.self_attn.key_values(&input)?;
-        let kv = match past {
-            Some(p) => p.append(&new_kv)?,
-            None => new_kv,
+        let h = match cache {
+            None => self.self_attn.attend(&input, &new_kv, mask, pass)?,
+            Some(cache) => {
+                cache.append(&new_kv)?;
+                let kv = cache.view()?.expect("the cache was just written");
+                if mask.is_none() && single_query_step(&input, pass)? {
+                    self.self_attn.attend_single_query(&input, &kv, None, 1)?
+                } else {
+                    self.self_attn.attend(&input, &kv, mask, pass)?
+                }
+            }
         };
-        let h = self.self_attn.attend(&input, &kv, mask, pass)?;
         let x = (x + dropout(&h, self.dropout, pass)?)?;
-        let x = if self.pre_ln {
-            x
+        if self.pre_ln {
+            Ok(x)
         } else {
-            self.self_attn_layer_norm.forward(&x, pass)?
-        };
-        Ok((x, kv))
+            self.self_attn_layer_norm.forward(&x, pass)
+        }
     }
 
     /// Cross-attention from `x` `(rows · group, t, dim)` to `cross_kv` of `rows` encoder
@@ -231,10 +276,21 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         cross_kv: &KeyValues,
-        encoder_mask: Option<&Tensor>,
+        encoder_mask: &EncoderMask,
         group: usize,
         pass: Pass<'_>,
     ) -> candle_core::Result<Tensor> {
+        if single_query_step(x, pass)?
+            && (encoder_mask.additive.is_none() || encoder_mask.host.is_some())
+        {
+            return self.encoder_attn.attend_single_query(
+                x,
+                cross_kv,
+                encoder_mask.host.clone(),
+                group,
+            );
+        }
+        let encoder_mask = encoder_mask.additive.as_ref();
         if group == 1 {
             return self.encoder_attn.attend(x, cross_kv, encoder_mask, pass);
         }
@@ -249,7 +305,7 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         cross_kv: &KeyValues,
-        encoder_mask: Option<&Tensor>,
+        encoder_mask: &EncoderMask,
         group: usize,
         pass: Pass<'_>,
     ) -> candle_core::Result<Tensor> {
@@ -276,7 +332,7 @@ impl DecoderLayer {
 /// the self-attention keys/values so far and the cross-attention keys/values (computed once).
 #[derive(Debug, Clone)]
 pub struct DecoderCache {
-    encoder_mask: Option<Tensor>,
+    encoder_mask: EncoderMask,
     layers: Vec<LayerCache>,
     past: usize,
     /// Decoder rows per encoder row (the beams of one input).
@@ -294,16 +350,24 @@ impl DecoderCache {
         Ok(self.layers[0].cross_kv.keys.dim(0)? * self.group)
     }
 
+    /// Reserves room for `positions` decoder positions in every layer's self-attention cache
+    /// (e.g. the generation's maximum length), so that decoding never grows the buffers.
+    /// Only affects layers that have not been written yet.
+    pub fn reserve(&mut self, positions: usize) {
+        for layer in &mut self.layers {
+            if layer.self_kv.is_empty() {
+                layer.self_kv = SelfAttentionCache::with_capacity(positions);
+            }
+        }
+    }
+
     /// Keeps, in order, the self-attention history of the given rows (beam search reordering).
     ///
     /// Cross-attention keys/values are not reordered: beam search only moves hypotheses between
     /// beams of the same input, whose encoder outputs are identical.
     pub fn reorder(&mut self, rows: &[u32]) -> Result<()> {
-        let idx = Tensor::new(rows, self.layers[0].cross_kv.keys.device())?;
         for layer in &mut self.layers {
-            if let Some(kv) = &layer.self_kv {
-                layer.self_kv = Some(kv.select_rows(&idx)?);
-            }
+            layer.self_kv.reorder(rows)?;
         }
         Ok(())
     }
@@ -448,9 +512,12 @@ impl Bart {
         pass: Pass<'_>,
     ) -> Result<Tensor> {
         let (b, t) = decoder_input_ids.dims2()?;
-        let enc_mask = encoder_mask
-            .map(|m| additive_padding_mask(m, self.dtype))
-            .transpose()?;
+        let enc_mask = EncoderMask {
+            additive: encoder_mask
+                .map(|m| additive_padding_mask(m, self.dtype))
+                .transpose()?,
+            host: None,
+        };
         let self_mask =
             additive_causal_mask(b, t, 0, decoder_attention_mask, self.dtype, &self.device)?;
         let mut x = self
@@ -459,9 +526,9 @@ impl Bart {
             .forward(decoder_input_ids, 0, pass)?;
         x = dropout(&x, self.decoder.dropout, pass)?;
         for layer in &self.decoder.layers {
-            let (h, _) = layer.self_block(&x, None, Some(&self_mask), pass)?;
+            let h = layer.self_block(&x, None, Some(&self_mask), pass)?;
             let cross_kv = layer.encoder_attn.key_values(encoder_hidden)?;
-            x = layer.cross_and_ffn(&h, &cross_kv, enc_mask.as_ref(), 1, pass)?;
+            x = layer.cross_and_ffn(&h, &cross_kv, &enc_mask, 1, pass)?;
         }
         if let Some(ln) = &self.decoder.final_norm {
             x = ln.forward(&x, pass)?;
@@ -517,14 +584,12 @@ impl Bart {
             .iter()
             .map(|l| {
                 Ok(LayerCache {
-                    self_kv: None,
+                    self_kv: SelfAttentionCache::default(),
                     cross_kv: l.encoder_attn.key_values(encoder_hidden)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let encoder_mask = encoder_mask
-            .map(|m| additive_padding_mask(m, self.dtype))
-            .transpose()?;
+        let encoder_mask = EncoderMask::new(encoder_mask, self.dtype)?;
         Ok(DecoderCache {
             encoder_mask,
             layers,
@@ -555,13 +620,16 @@ impl Bart {
             .embeddings
             .forward(ids, past, Pass::Inference)?;
         for (layer, lc) in self.decoder.layers.iter().zip(cache.layers.iter_mut()) {
-            let (h, kv) =
-                layer.self_block(&x, lc.self_kv.as_ref(), self_mask.as_ref(), Pass::Inference)?;
-            lc.self_kv = Some(kv);
+            let h = layer.self_block(
+                &x,
+                Some(&mut lc.self_kv),
+                self_mask.as_ref(),
+                Pass::Inference,
+            )?;
             x = layer.cross_and_ffn(
                 &h,
                 &lc.cross_kv,
-                cache.encoder_mask.as_ref(),
+                &cache.encoder_mask,
                 cache.group,
                 Pass::Inference,
             )?;

@@ -1,7 +1,9 @@
 //! The BART network on candle.
 
 mod bart;
+pub mod kv_cache;
 pub mod layers;
+pub mod step_attention;
 
 pub use bart::{Bart, DecoderCache};
 pub use layers::{DropoutRng, Pass};

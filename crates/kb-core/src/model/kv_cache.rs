@@ -1,0 +1,282 @@
+//! The decoder's self-attention key/value cache for incremental decoding.
+//!
+//! Keys and values live in buffers preallocated for a number of positions (grown by doubling
+//! when a step goes past them): a step writes its new position in place instead of
+//! concatenating the whole history into a fresh tensor, so a step costs no copy of the history
+//! and memory stays at one buffer per layer. Beam search's reordering is done in place on the CPU
+//! (only the rows that change are copied); other devices gather into a new buffer.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, WithDType};
+
+use super::layers::KeyValues;
+
+/// Positions reserved when no capacity was asked for.
+const DEFAULT_CAPACITY: usize = 16;
+
+/// Self-attention keys and values of one decoder layer, `(rows, heads, capacity, head_dim)`
+/// buffers of which the first `len` positions are filled.
+#[derive(Debug, Clone, Default)]
+pub struct SelfAttentionCache {
+    buffers: Option<KeyValues>,
+    len: usize,
+    capacity_hint: usize,
+}
+
+impl SelfAttentionCache {
+    /// An empty cache that will reserve `capacity` positions when first written (more are added
+    /// as needed).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            buffers: None,
+            len: 0,
+            capacity_hint: capacity,
+        }
+    }
+
+    /// Positions filled so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Positions the buffers hold before they must grow (0 before the first write).
+    pub fn capacity(&self) -> usize {
+        self.buffers
+            .as_ref()
+            .map(|b| b.keys.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    /// Appends `new` (`(rows, heads, positions, head_dim)`) after the filled positions.
+    pub fn append(&mut self, new: &KeyValues) -> candle_core::Result<()> {
+        let (rows, heads, added, head_dim) = new.keys.dims4()?;
+        let needed = self.len + added;
+        if needed > self.capacity() {
+            let capacity = needed
+                .max(self.capacity_hint)
+                .max(2 * self.capacity())
+                .max(DEFAULT_CAPACITY);
+            let shape = (rows, heads, capacity, head_dim);
+            let (dtype, device) = (new.keys.dtype(), new.keys.device());
+            let grown = KeyValues {
+                keys: Tensor::zeros(shape, dtype, device)?,
+                values: Tensor::zeros(shape, dtype, device)?,
+            };
+            if let Some(old) = &self.buffers {
+                let filled = self.view_of(old)?;
+                grown.keys.slice_set(&filled.keys.contiguous()?, 2, 0)?;
+                grown.values.slice_set(&filled.values.contiguous()?, 2, 0)?;
+            }
+            self.buffers = Some(grown);
+        }
+        let buffers = self.buffers.as_ref().expect("allocated above");
+        if buffers.keys.dim(0)? != rows {
+            candle_core::bail!(
+                "key/value cache holds {} rows, a step brought {rows}",
+                buffers.keys.dim(0)?
+            );
+        }
+        buffers
+            .keys
+            .slice_set(&new.keys.contiguous()?, 2, self.len)?;
+        buffers
+            .values
+            .slice_set(&new.values.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok(())
+    }
+
+    /// The filled positions, `(rows, heads, len, head_dim)` views into the buffers.
+    pub fn view(&self) -> candle_core::Result<Option<KeyValues>> {
+        self.buffers.as_ref().map(|b| self.view_of(b)).transpose()
+    }
+
+    fn view_of(&self, buffers: &KeyValues) -> candle_core::Result<KeyValues> {
+        Ok(KeyValues {
+            keys: buffers.keys.narrow(2, 0, self.len)?,
+            values: buffers.values.narrow(2, 0, self.len)?,
+        })
+    }
+
+    /// Makes row `i` hold what row `rows[i]` held (beam search reordering); `rows` must name
+    /// every row once as a destination and may repeat sources.
+    pub fn reorder(&mut self, rows: &[u32]) -> candle_core::Result<()> {
+        let Some(buffers) = &self.buffers else {
+            return Ok(());
+        };
+        let n = buffers.keys.dim(0)?;
+        if rows.len() != n {
+            candle_core::bail!("reorder got {} rows for a cache of {n}", rows.len());
+        }
+        if let Some(bad) = rows.iter().find(|&&r| r as usize >= n) {
+            candle_core::bail!("reorder names row {bad} of a cache of {n}");
+        }
+        if rows.iter().enumerate().all(|(i, &r)| i == r as usize) {
+            return Ok(());
+        }
+        if matches!(buffers.keys.device(), Device::Cpu) {
+            let op = ReorderRows {
+                rows: rows.to_vec(),
+                filled: self.len,
+            };
+            buffers.keys.inplace_op1(&op)?;
+            buffers.values.inplace_op1(&op)?;
+        } else {
+            let idx = Tensor::new(rows, buffers.keys.device())?;
+            self.buffers = Some(buffers.select_rows(&idx)?);
+        }
+        Ok(())
+    }
+}
+
+/// In-place row gather over the first `filled` positions of a contiguous
+/// `(rows, heads, capacity, head_dim)` CPU buffer: row `i` becomes row `rows[i]`.
+struct ReorderRows {
+    rows: Vec<u32>,
+    filled: usize,
+}
+
+impl ReorderRows {
+    fn apply<T: WithDType>(&self, data: &mut [T], layout: &Layout) -> candle_core::Result<()> {
+        let (n, heads, capacity, head_dim) = layout.shape().dims4()?;
+        if !layout.is_contiguous() {
+            candle_core::bail!("the key/value cache must be contiguous to be reordered");
+        }
+        let data = &mut data[layout.start_offset()..][..n * heads * capacity * head_dim];
+        let row_len = heads * capacity * head_dim;
+        // The filled part of one head's positions.
+        let seg = self.filled * head_dim;
+        // Save every source row first: a row may be read after it has been overwritten.
+        let moved: Vec<usize> = (0..n).filter(|&i| self.rows[i] as usize != i).collect();
+        let mut sources: Vec<usize> = moved.iter().map(|&i| self.rows[i] as usize).collect();
+        sources.sort_unstable();
+        sources.dedup();
+        let mut saved = vec![T::zero(); sources.len() * heads * seg];
+        for (s, &src) in sources.iter().enumerate() {
+            for h in 0..heads {
+                let from = src * row_len + h * capacity * head_dim;
+                saved[(s * heads + h) * seg..][..seg].copy_from_slice(&data[from..from + seg]);
+            }
+        }
+        for &i in &moved {
+            let s = sources
+                .binary_search(&(self.rows[i] as usize))
+                .expect("every source was saved");
+            for h in 0..heads {
+                let to = i * row_len + h * capacity * head_dim;
+                data[to..to + seg].copy_from_slice(&saved[(s * heads + h) * seg..][..seg]);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp1 for ReorderRows {
+    fn name(&self) -> &'static str {
+        "kv-cache-reorder-rows"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        match storage {
+            CpuStorage::F32(d) => self.apply(d, layout),
+            CpuStorage::F16(d) => self.apply(d, layout),
+            CpuStorage::BF16(d) => self.apply(d, layout),
+            CpuStorage::F64(d) => self.apply(d, layout),
+            other => candle_core::bail!(
+                "key/value cache reorder: unsupported dtype {:?}",
+                other.dtype()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(rows: usize, heads: usize, t: usize, base: f32) -> KeyValues {
+        let n = rows * heads * t * 2;
+        let k: Vec<f32> = (0..n).map(|i| base + i as f32).collect();
+        let v: Vec<f32> = (0..n).map(|i| -(base + i as f32)).collect();
+        KeyValues {
+            keys: Tensor::from_vec(k, (rows, heads, t, 2), &Device::Cpu).unwrap(),
+            values: Tensor::from_vec(v, (rows, heads, t, 2), &Device::Cpu).unwrap(),
+        }
+    }
+
+    fn cat(a: &KeyValues, b: &KeyValues) -> KeyValues {
+        KeyValues {
+            keys: Tensor::cat(&[&a.keys, &b.keys], 2).unwrap(),
+            values: Tensor::cat(&[&a.values, &b.values], 2).unwrap(),
+        }
+    }
+
+    fn same(a: &KeyValues, b: &KeyValues) {
+        let f = |t: &Tensor| {
+            t.contiguous()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(a.keys.dims(), b.keys.dims());
+        assert_eq!(f(&a.keys), f(&b.keys));
+        assert_eq!(f(&a.values), f(&b.values));
+    }
+
+    #[test]
+    fn appending_and_growing_equals_concatenation() {
+        let mut cache = SelfAttentionCache::with_capacity(3);
+        let mut expected: Option<KeyValues> = None;
+        for step in 0..7 {
+            let added = if step == 2 { 2 } else { 1 };
+            let new = kv(4, 3, added, 100.0 * step as f32);
+            cache.append(&new).unwrap();
+            expected = Some(match expected {
+                None => new,
+                Some(e) => cat(&e, &new),
+            });
+            same(&cache.view().unwrap().unwrap(), expected.as_ref().unwrap());
+        }
+        assert_eq!(cache.len(), 8);
+        assert!(cache.capacity() >= 8);
+    }
+
+    #[test]
+    fn reordering_in_place_equals_index_select() {
+        let mut cache = SelfAttentionCache::with_capacity(8);
+        let mut expected = kv(5, 2, 1, 0.0);
+        cache.append(&expected).unwrap();
+        for (step, rows) in [
+            [0u32, 0, 0, 3, 4],
+            [4, 3, 2, 1, 0],
+            [1, 1, 4, 4, 2],
+            [0, 1, 2, 3, 4],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let new = kv(5, 2, 1, 1000.0 * (step + 1) as f32);
+            cache.append(&new).unwrap();
+            expected = cat(&expected, &new);
+            cache.reorder(rows).unwrap();
+            let idx = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+            expected = expected.select_rows(&idx).unwrap();
+            same(&cache.view().unwrap().unwrap(), &expected);
+        }
+    }
+
+    #[test]
+    fn bad_reorders_are_errors() {
+        let mut cache = SelfAttentionCache::default();
+        cache.append(&kv(3, 1, 1, 0.0)).unwrap();
+        assert!(cache.reorder(&[0, 1]).is_err());
+        assert!(cache.reorder(&[0, 1, 3]).is_err());
+    }
+}
