@@ -125,15 +125,15 @@ impl EncoderLayer {
     ) -> candle_core::Result<Tensor> {
         if self.pre_ln {
             let h = self.self_attn_layer_norm.forward(x, pass)?;
-            let kv = self.self_attn.key_values(&h)?;
-            let h = self.self_attn.attend(&h, &kv, mask, pass)?;
+            let (q, kv) = self.self_attn.self_projections(&h)?;
+            let h = self.self_attn.attend_query(&q, &kv, mask, pass)?;
             let x = (x + dropout(&h, self.dropout, pass)?)?;
             let h = self.final_layer_norm.forward(&x, pass)?;
             let h = self.ffn.forward(&h, pass)?;
             x + dropout(&h, self.dropout, pass)?
         } else {
-            let kv = self.self_attn.key_values(x)?;
-            let h = self.self_attn.attend(x, &kv, mask, pass)?;
+            let (q, kv) = self.self_attn.self_projections(x)?;
+            let h = self.self_attn.attend_query(&q, &kv, mask, pass)?;
             let x = self
                 .self_attn_layer_norm
                 .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)?;
@@ -247,16 +247,17 @@ impl DecoderLayer {
         } else {
             x.clone()
         };
-        let new_kv = self.self_attn.key_values(&input)?;
+        let (q, new_kv) = self.self_attn.self_projections(&input)?;
         let h = match cache {
-            None => self.self_attn.attend(&input, &new_kv, mask, pass)?,
+            None => self.self_attn.attend_query(&q, &new_kv, mask, pass)?,
             Some(cache) => {
                 cache.append(&new_kv)?;
                 let kv = cache.view()?.expect("the cache was just written");
                 if mask.is_none() && single_query_step(&input, pass)? {
-                    self.self_attn.attend_single_query(&input, &kv, None, 1)?
+                    self.self_attn
+                        .attend_single_query_projected(&q, &kv, None, 1)?
                 } else {
-                    self.self_attn.attend(&input, &kv, mask, pass)?
+                    self.self_attn.attend_query(&q, &kv, mask, pass)?
                 }
             }
         };
@@ -399,6 +400,9 @@ pub struct Bart {
     decoder: Decoder,
     lm_head: Tensor,
     final_logits_bias: Tensor,
+    /// `final_logits_bias` is a constant zero (transformers' default buffer, never trained):
+    /// adding it would be a pass over every logit for nothing.
+    logits_bias_is_zero: bool,
     dtype: DType,
     device: Device,
 }
@@ -441,6 +445,13 @@ impl Bart {
             final_norm: final_norm(&dec_vb)?,
             dropout: cfg.dropout,
         };
+        let (mut encoder, mut decoder) = (encoder, decoder);
+        for layer in &mut encoder.layers {
+            layer.self_attn.fuse_projections()?;
+        }
+        for layer in &mut decoder.layers {
+            layer.self_attn.fuse_projections()?;
+        }
         let lm_head = if cfg.tie_word_embeddings {
             shared.clone()
         } else {
@@ -451,12 +462,20 @@ impl Bart {
             "final_logits_bias",
             candle_nn::Init::Const(0.0),
         )?;
+        let logits_bias_is_zero = !final_logits_bias.is_variable()
+            && final_logits_bias
+                .to_dtype(DType::F32)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?
+                == 0.0;
         Ok(Self {
             config: cfg.clone(),
             encoder,
             decoder,
             lm_head,
             final_logits_bias,
+            logits_bias_is_zero,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -643,8 +662,10 @@ impl Bart {
 
     fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
-        let logits = matmul_weight_t(&hidden.reshape((b * t, d))?, &self.lm_head)?
-            .broadcast_add(&self.final_logits_bias)?;
+        let mut logits = matmul_weight_t(&hidden.reshape((b * t, d))?, &self.lm_head)?;
+        if !self.logits_bias_is_zero {
+            logits = logits.broadcast_add(&self.final_logits_bias)?;
+        }
         Ok(logits.reshape((b, t, ()))?)
     }
 }

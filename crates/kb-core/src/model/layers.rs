@@ -288,6 +288,9 @@ pub struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     out_proj: Linear,
+    /// The q, k and v projections stacked into one `(3·dim, dim)` product, for inference (see
+    /// [`Attention::fuse_projections`]).
+    qkv: Option<Linear>,
     heads: usize,
     head_dim: usize,
     scaling: f64,
@@ -308,6 +311,7 @@ impl Attention {
             k_proj: linear(dim, dim, vb.pp("k_proj"))?,
             v_proj: linear(dim, dim, vb.pp("v_proj"))?,
             out_proj: linear(dim, dim, vb.pp("out_proj"))?,
+            qkv: None,
             heads,
             head_dim,
             scaling: (head_dim as f64).powf(-0.5),
@@ -330,6 +334,57 @@ impl Attention {
         })
     }
 
+    /// For inference: stacks the q, k and v weights into one `(3·dim, dim)` matrix so that
+    /// self-attention projects with one matrix product instead of three (fewer, larger
+    /// products: faster on the CPU); the separate projections become views of it, so no memory
+    /// is added. Trainable weights are left alone.
+    pub fn fuse_projections(&mut self) -> candle_core::Result<()> {
+        if self.qkv.is_some() || self.q_proj.weight.is_variable() {
+            return Ok(());
+        }
+        let dim = self.q_proj.weight.dim(0)?;
+        let weight = Tensor::cat(
+            &[
+                &self.q_proj.weight,
+                &self.k_proj.weight,
+                &self.v_proj.weight,
+            ],
+            0,
+        )?;
+        let bias = Tensor::cat(
+            &[&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias],
+            0,
+        )?;
+        let part = |i: usize| -> candle_core::Result<Linear> {
+            Ok(Linear {
+                weight: weight.narrow(0, i * dim, dim)?,
+                bias: bias.narrow(0, i * dim, dim)?,
+            })
+        };
+        self.q_proj = part(0)?;
+        self.k_proj = part(1)?;
+        self.v_proj = part(2)?;
+        self.qkv = Some(Linear { weight, bias });
+        Ok(())
+    }
+
+    /// Scaled queries `(batch, len, dim)` and the keys/values of `x` `(batch, len, dim)`
+    /// attending to itself (one product when the projections are fused).
+    pub fn self_projections(&self, x: &Tensor) -> candle_core::Result<(Tensor, KeyValues)> {
+        let Some(qkv) = &self.qkv else {
+            let q = (self.q_proj.forward(x)? * self.scaling)?;
+            return Ok((q, self.key_values(x)?));
+        };
+        let dim = x.dim(2)?;
+        let y = qkv.forward(x)?;
+        let q = (y.narrow(2, 0, dim)? * self.scaling)?;
+        let kv = KeyValues {
+            keys: self.split_heads(&y.narrow(2, dim, dim)?)?,
+            values: self.split_heads(&y.narrow(2, 2 * dim, dim)?)?,
+        };
+        Ok((q, kv))
+    }
+
     /// Attends from `x` `(batch, tgt, dim)` to `kv`, with an optional additive mask
     /// broadcastable to `(batch, heads, tgt, keys)`.
     pub fn attend(
@@ -339,8 +394,20 @@ impl Attention {
         mask: Option<&Tensor>,
         pass: Pass<'_>,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, dim) = x.dims3()?;
-        let q = self.split_heads(&(self.q_proj.forward(x)? * self.scaling)?)?;
+        let q = (self.q_proj.forward(x)? * self.scaling)?;
+        self.attend_query(&q, kv, mask, pass)
+    }
+
+    /// [`Attention::attend`] from already projected and scaled queries `q` `(batch, tgt, dim)`.
+    pub fn attend_query(
+        &self,
+        q: &Tensor,
+        kv: &KeyValues,
+        mask: Option<&Tensor>,
+        pass: Pass<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, dim) = q.dims3()?;
+        let q = self.split_heads(q)?;
         let mut scores = q.matmul(&kv.keys.t()?)?;
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
@@ -365,11 +432,24 @@ impl Attention {
         mask: Option<std::sync::Arc<[f32]>>,
         group: usize,
     ) -> candle_core::Result<Tensor> {
-        let (rows, t, dim) = x.dims3()?;
+        let q = (self.q_proj.forward(x)? * self.scaling)?;
+        self.attend_single_query_projected(&q, kv, mask, group)
+    }
+
+    /// [`Attention::attend_single_query`] from already projected and scaled queries `q`
+    /// `(rows, 1, dim)`.
+    pub fn attend_single_query_projected(
+        &self,
+        q: &Tensor,
+        kv: &KeyValues,
+        mask: Option<std::sync::Arc<[f32]>>,
+        group: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, t, dim) = q.dims3()?;
         if t != 1 {
             candle_core::bail!("single-query attention got {t} query positions per row");
         }
-        let q = (self.q_proj.forward(&x.reshape((rows, dim))?)? * self.scaling)?;
+        let q = q.reshape((rows, dim))?;
         let out =
             super::step_attention::attend_single_query(&q, &kv.keys, &kv.values, mask, group)?;
         self.out_proj.forward(&out.reshape((rows, 1, dim))?)
