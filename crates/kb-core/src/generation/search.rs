@@ -116,24 +116,33 @@ fn greedy(
     let max_length = cfg.effective_max_length();
     let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
     let mut seqs: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; batch];
-    let mut done = vec![false; batch];
-    while seqs[0].len() < max_length {
-        let last: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap_or(&pad)).collect();
+    // Inputs still generating, in cache row order; an input leaves once it produced eos
+    // (transformers keeps computing it and appends padding, which the output drops).
+    let mut active: Vec<usize> = (0..batch).collect();
+    let mut cur_len = 1;
+    while cur_len < max_length {
+        let last: Vec<u32> = active
+            .iter()
+            .map(|&b| *seqs[b].last().unwrap_or(&pad))
+            .collect();
         let logits = step_logits(model, &mut cache, &last)?;
-        for (b, mut row) in logits.into_iter().enumerate() {
-            let next = if done[b] {
-                pad
-            } else {
-                process(&mut row, &seqs[b], cfg);
-                argmax(&row)
-            };
+        let mut still = Vec::with_capacity(active.len());
+        for (pos, mut row) in logits.into_iter().enumerate() {
+            let b = active[pos];
+            process(&mut row, &seqs[b], cfg);
+            let next = argmax(&row);
             seqs[b].push(next);
-            if cfg.eos_token_ids.contains(&next) {
-                done[b] = true;
+            if !cfg.eos_token_ids.contains(&next) {
+                still.push(pos);
             }
         }
-        if done.iter().all(|&d| d) {
+        cur_len += 1;
+        if still.is_empty() {
             break;
+        }
+        if still.len() < active.len() {
+            cache.retain_groups(&still)?;
+            active = still.iter().map(|&pos| active[pos]).collect();
         }
     }
     Ok(seqs
@@ -256,22 +265,37 @@ fn beam_search(
         })
         .collect();
     let mut cur_len = prompt_len;
+    // Inputs still searching, in cache order (ascending). An input leaves the batch once its
+    // result can no longer change (see `settled`); transformers keeps computing such inputs
+    // until the whole batch stops, with the same outputs.
+    let mut active: Vec<usize> = (0..batch).collect();
     loop {
-        let last: Vec<u32> = states
+        let last: Vec<u32> = active
             .iter()
-            .flat_map(|s| s.running.iter().map(|h| *h.tokens.last().unwrap_or(&0)))
+            .flat_map(|&b| {
+                states[b]
+                    .running
+                    .iter()
+                    .map(|h| *h.tokens.last().unwrap_or(&0))
+            })
             .collect();
         let (mut logits, vocab) = step_logits_flat(model, &mut cache, &last)?;
+        let mut live: Vec<&mut BeamState> = states
+            .iter_mut()
+            .enumerate()
+            .filter(|(b, _)| active.binary_search(b).is_ok())
+            .map(|(_, s)| s)
+            .collect();
         // Each input's beams are scored independently: in parallel over inputs.
-        let outcomes: Vec<(Vec<u32>, bool)> = states
+        let outcomes: Vec<(Vec<u32>, bool)> = live
             .par_iter_mut()
             .zip(logits.par_chunks_mut(k * vocab))
             .enumerate()
-            .map(|(b, (state, rows))| {
-                beam_step(state, rows, vocab, b, cur_len, keep, max_length, cfg)
+            .map(|(pos, (state, rows))| {
+                beam_step(state, rows, vocab, pos, cur_len, keep, max_length, cfg)
             })
             .collect();
-        let mut reorder = Vec::with_capacity(batch * k);
+        let mut reorder = Vec::with_capacity(active.len() * k);
         let mut all_hit = true;
         for (rows, hit) in outcomes {
             reorder.extend(rows);
@@ -282,7 +306,8 @@ fn beam_search(
 
         // transformers' early-stop heuristic: can the best running beam still beat the worst
         // finished one?
-        for state in states.iter_mut() {
+        for &b in &active {
+            let state = &mut states[b];
             let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
                 max_length - prompt_len
             } else {
@@ -300,11 +325,29 @@ fn beam_search(
             });
             state.improvement_possible &= can_improve;
         }
-        let improvement_possible = states.iter().any(|s| s.improvement_possible);
-        let all_finished = states.iter().all(|s| s.finished.iter().all(|h| h.finished));
+        let improvement_possible = active.iter().any(|&b| states[b].improvement_possible);
+        let all_finished = active
+            .iter()
+            .all(|&b| states[b].finished.iter().all(|h| h.finished));
         let open_beam = !(all_finished && cfg.early_stopping == EarlyStopping::True);
         if !(improvement_possible && open_beam && !all_hit) {
             break;
+        }
+        // Settled inputs leave the batch. Exact: a settled input's finished hypotheses can no
+        // longer change (every later candidate gets the -1e9 mask); the loop's stop test only
+        // depends on it through `all_hit` (true for every input at once: at most `k · eos ids`
+        // of the `keep` candidates can be eos, so all hit only at the length limit) and through
+        // `all_finished` (stopping earlier because of it changes nothing: the inputs left are
+        // then all settled too).
+        let still: Vec<usize> = (0..active.len())
+            .filter(|&pos| !settled(&states[active[pos]], cfg))
+            .collect();
+        if still.is_empty() {
+            break;
+        }
+        if still.len() < active.len() {
+            cache.retain_groups(&still)?;
+            active = still.iter().map(|&pos| active[pos]).collect();
         }
     }
     Ok(states
@@ -317,6 +360,13 @@ fn beam_search(
             }
         })
         .collect())
+}
+
+/// Whether an input's beam search result is final: no candidate can improve it any more, or
+/// (with `early_stopping: true`) it holds `num_beams` finished hypotheses.
+fn settled(state: &BeamState, cfg: &GenerationConfig) -> bool {
+    !state.improvement_possible
+        || (cfg.early_stopping == EarlyStopping::True && state.finished.iter().all(|h| h.finished))
 }
 
 /// One beam-search step for one input: scores its beams' continuations from `rows` (its `k`

@@ -362,6 +362,35 @@ impl DecoderCache {
         }
     }
 
+    /// Keeps only the given encoder rows (positions in the current batch, in order) with their
+    /// `group` decoder rows each: inputs whose generation is over leave the batch, so later
+    /// steps do not compute them.
+    pub fn retain_groups(&mut self, keep: &[usize]) -> Result<()> {
+        let device = self.layers[0].cross_kv.keys.device().clone();
+        let enc_rows: Vec<u32> = keep.iter().map(|&i| i as u32).collect();
+        let enc_idx = Tensor::new(enc_rows.as_slice(), &device)?;
+        let group = self.group;
+        let dec_rows: Vec<u32> = keep
+            .iter()
+            .flat_map(|&i| (i * group..(i + 1) * group).map(|r| r as u32))
+            .collect();
+        for layer in &mut self.layers {
+            layer.cross_kv = layer.cross_kv.select_rows(&enc_idx)?;
+            layer.self_kv.select_rows(&dec_rows)?;
+        }
+        if let Some(additive) = &self.encoder_mask.additive {
+            let keys = additive.dim(3)?;
+            self.encoder_mask.host = self.encoder_mask.host.as_ref().map(|host| {
+                keep.iter()
+                    .flat_map(|&i| host[i * keys..(i + 1) * keys].iter().copied())
+                    .collect::<Vec<f32>>()
+                    .into()
+            });
+            self.encoder_mask.additive = Some(additive.index_select(&enc_idx, 0)?);
+        }
+        Ok(())
+    }
+
     /// Keeps, in order, the self-attention history of the given rows (beam search reordering).
     ///
     /// Cross-attention keys/values are not reordered: beam search only moves hypotheses between

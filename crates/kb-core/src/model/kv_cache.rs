@@ -103,6 +103,15 @@ impl SelfAttentionCache {
         })
     }
 
+    /// Keeps only the given rows, in the given order (the buffers shrink to them: a copy).
+    pub fn select_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
+        if let Some(buffers) = &self.buffers {
+            let idx = Tensor::new(rows, buffers.keys.device())?;
+            self.buffers = Some(buffers.select_rows(&idx)?);
+        }
+        Ok(())
+    }
+
     /// Makes row `i` hold what row `rows[i]` held (beam search reordering); `rows` must name
     /// every row once as a destination and may repeat sources.
     pub fn reorder(&mut self, rows: &[u32]) -> candle_core::Result<()> {
@@ -270,6 +279,21 @@ mod tests {
             expected = expected.select_rows(&idx).unwrap();
             same(&cache.view().unwrap().unwrap(), &expected);
         }
+    }
+
+    #[test]
+    fn selecting_rows_shrinks_the_cache_and_appending_continues() {
+        let mut cache = SelfAttentionCache::with_capacity(4);
+        let first = kv(4, 2, 1, 0.0);
+        cache.append(&first).unwrap();
+        cache.select_rows(&[1, 3]).unwrap();
+        let idx = Tensor::new(&[1u32, 3], &Device::Cpu).unwrap();
+        let second = kv(2, 2, 1, 500.0);
+        cache.append(&second).unwrap();
+        same(
+            &cache.view().unwrap().unwrap(),
+            &cat(&first.select_rows(&idx).unwrap(), &second),
+        );
     }
 
     #[test]
