@@ -125,3 +125,45 @@ fn single_input_equals_its_row_in_a_batch() {
         assert_eq!(single[0].ids, b.ids, "{q}");
     }
 }
+
+#[test]
+fn outputs_are_reported_as_inputs_finish() {
+    let model =
+        KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("golden/generation.json")).unwrap())
+            .unwrap();
+    let inputs: Vec<Vec<u32>> = serde_json::from_value(golden["input_ids"].clone()).unwrap();
+    for case in golden["cases"].as_array().unwrap() {
+        let cfg = settings(&model, &case["case"]);
+        let name = case["case"]["name"].as_str().unwrap();
+        let mut order = Vec::new();
+        kb_core::generate_each(&model.model, &inputs, &cfg, &mut |i, g| order.push((i, g)))
+            .unwrap();
+        let mut reported: Vec<usize> = order.iter().map(|(i, _)| *i).collect();
+        reported.sort_unstable();
+        assert_eq!(
+            reported,
+            (0..inputs.len()).collect::<Vec<_>>(),
+            "{name}: each once"
+        );
+        let batch = generate(&model.model, &inputs, &cfg).unwrap();
+        for (i, g) in &order {
+            assert_eq!(g, &batch[*i], "{name}: input {i}");
+        }
+        if cfg.num_beams == 1 {
+            // Greedy inputs finish at their eos: reported in order of length.
+            let lens: Vec<usize> = order.iter().map(|(_, g)| g.ids.len()).collect();
+            assert!(lens.windows(2).all(|w| w[0] <= w[1]), "{name}: {lens:?}");
+        }
+    }
+    // At least one case reports an input before the last step (the golden set has one-token
+    // answers next to long ones).
+    let cfg = settings(&model, &golden["cases"][0]["case"]);
+    let mut first = None;
+    kb_core::generate_each(&model.model, &inputs, &cfg, &mut |_, g| {
+        first.get_or_insert(g.ids.len());
+    })
+    .unwrap();
+    assert_eq!(first, Some(1), "the one-token answer comes first");
+}

@@ -33,8 +33,15 @@ pub struct Output {
 
 /// Runs batched generation; implemented by [`Backend`] (and by fakes in tests).
 pub trait Generate {
-    /// One output per input row, all generated in one batch with `params`.
-    fn generate(&self, inputs: &[Vec<u32>], params: GenParams) -> Result<Vec<Output>, String>;
+    /// Generates one output per input row, all in one batch with `params`, handing each to
+    /// `ready` with its row index as soon as it is final (rows that finish early are handed
+    /// over before the batch ends). On `Ok`, every row has been handed over once.
+    fn generate(
+        &self,
+        inputs: &[Vec<u32>],
+        params: GenParams,
+        ready: &mut dyn FnMut(usize, Output),
+    ) -> Result<(), String>;
 }
 
 /// A loaded model with the server's generation defaults.
@@ -119,38 +126,49 @@ impl Backend {
             ids
         };
         ids.truncate(info.max_input_tokens);
-        self.generate(&[ids], info.defaults)
+        self.generate(&[ids], info.defaults, &mut |_, _| {})
             .map_err(|e| anyhow::anyhow!("warm-up generation failed: {e}"))?;
         Ok(started.elapsed())
     }
 }
 
 impl Generate for Backend {
-    fn generate(&self, inputs: &[Vec<u32>], params: GenParams) -> Result<Vec<Output>, String> {
+    fn generate(
+        &self,
+        inputs: &[Vec<u32>],
+        params: GenParams,
+        ready: &mut dyn FnMut(usize, Output),
+    ) -> Result<(), String> {
         let mut gen = self.base.clone();
         gen.num_beams = params.num_beams;
         gen.max_length = params.max_length;
         gen.max_new_tokens = None;
-        let generated = kb_core::generate(&self.model.model, inputs, &gen);
+        let mut decode_error = None;
+        let generated =
+            kb_core::generate_each(&self.model.model, inputs, &gen, &mut |i, g| match self
+                .model
+                .tokenizer
+                .decode(&g.ids)
+            {
+                Ok(text) => {
+                    let (keywords, text) = answer(text, self.synonyms.as_ref());
+                    ready(
+                        i,
+                        Output {
+                            keywords,
+                            text,
+                            tokens: g.ids.len(),
+                        },
+                    );
+                }
+                Err(e) => {
+                    decode_error.get_or_insert_with(|| format!("decoding input {i}: {e}"));
+                }
+            });
         // The batch's buffers are freed: hand them back rather than hold the largest batch's.
         kb_core::allocator::release_freed_memory();
-        generated
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|g| {
-                let text = self
-                    .model
-                    .tokenizer
-                    .decode(&g.ids)
-                    .map_err(|e| e.to_string())?;
-                let (keywords, text) = answer(text, self.synonyms.as_ref());
-                Ok(Output {
-                    keywords,
-                    text,
-                    tokens: g.ids.len(),
-                })
-            })
-            .collect()
+        generated.map_err(|e| e.to_string())?;
+        decode_error.map_or(Ok(()), Err)
     }
 }
 

@@ -201,10 +201,21 @@ fn gather(rx: &mpsc::Receiver<Job>, backlog: &mut VecDeque<Job>, policy: BatchPo
     batch
 }
 
-/// Generates for `jobs` (all with the same settings) and answers each of them.
+/// A job being generated: the outputs of its rows so far.
+struct Pending {
+    job: Job,
+    outputs: Vec<Option<Output>>,
+    missing: usize,
+    batch_size: usize,
+    answered: bool,
+}
+
+/// Generates for `jobs` (all with the same settings) in chunks of at most `max_batch_size`
+/// rows and answers each job as soon as all of its rows are final — a short answer goes out
+/// while the rest of its batch is still generating.
 fn run_batch<G: Generate>(backend: &G, jobs: Vec<Job>, max_batch_size: usize, metrics: &Metrics) {
     let now = Instant::now();
-    let mut live = Vec::with_capacity(jobs.len());
+    let mut pending = Vec::with_capacity(jobs.len());
     for job in jobs {
         if job.reply.is_closed() {
             metrics.record_dropped();
@@ -212,77 +223,117 @@ fn run_batch<G: Generate>(backend: &G, jobs: Vec<Job>, max_batch_size: usize, me
             metrics.record_dropped();
             let _ = job.reply.send(Err(JobError::Timeout));
         } else {
-            live.push(job);
+            let rows = job.inputs.len();
+            pending.push(Pending {
+                job,
+                outputs: vec![None; rows],
+                missing: rows,
+                batch_size: 0,
+                answered: false,
+            });
         }
     }
-    if live.is_empty() {
+    if pending.is_empty() {
         return;
     }
-    let params = live[0].params;
-    let rows: Vec<Vec<u32>> = live.iter().flat_map(|j| j.inputs.iter().cloned()).collect();
+    let params = pending[0].job.params;
+    // Every row of every job, as (job, row within the job).
+    let rows: Vec<(usize, usize)> = pending
+        .iter()
+        .enumerate()
+        .flat_map(|(j, p)| (0..p.job.inputs.len()).map(move |r| (j, r)))
+        .collect();
     let started = Instant::now();
-    match generate_chunked(backend, &rows, params, max_batch_size, metrics) {
-        Ok((outputs, batch_size)) => {
-            let inference_time = started.elapsed();
-            let mut outputs = outputs.into_iter();
-            for job in live {
-                let mine: Vec<Output> = outputs.by_ref().take(job.inputs.len()).collect();
-                let _ = job.reply.send(Ok(JobResult {
-                    outputs: mine,
-                    batch_size,
-                    queue_time: started.saturating_duration_since(job.enqueued),
-                    inference_time,
-                }));
-            }
+    let mut failure = None;
+    for chunk in rows.chunks(max_batch_size.max(1)) {
+        if let Err(e) = generate_chunk(backend, chunk, &mut pending, params, started, metrics) {
+            failure = Some(e);
+            break;
         }
-        Err(e) if live.len() > 1 => {
-            // Retry each job alone so that one bad request does not fail the others.
-            tracing::warn!(error = %e, jobs = live.len(), "batched generation failed; retrying the requests one by one");
-            for job in live {
-                run_batch(backend, vec![job], max_batch_size, metrics);
-            }
+    }
+    let Some(error) = failure else {
+        return;
+    };
+    let batched = pending.len() > 1;
+    let unanswered: Vec<Job> = pending
+        .into_iter()
+        .filter(|p| !p.answered)
+        .map(|p| p.job)
+        .collect();
+    if batched {
+        // Retry each request alone so that one bad request does not fail the others.
+        tracing::warn!(%error, jobs = unanswered.len(), "batched generation failed; retrying the unanswered requests one by one");
+        for job in unanswered {
+            run_batch(backend, vec![job], max_batch_size, metrics);
         }
-        Err(e) => {
-            tracing::error!(error = %e, "generation failed");
-            for job in live {
-                let _ = job.reply.send(Err(JobError::Failed(e.clone())));
-            }
+    } else {
+        tracing::error!(%error, "generation failed");
+        for job in unanswered {
+            let _ = job.reply.send(Err(JobError::Failed(error.clone())));
         }
     }
 }
 
-/// Runs `rows` in chunks of at most `max_batch_size`, catching panics; returns the outputs and
-/// the size of the largest chunk.
-fn generate_chunked<G: Generate>(
+/// Generates the rows `chunk` (`(job, row)` pairs into `pending`) as one batch, catching
+/// panics, and answers every job whose last row this produced.
+fn generate_chunk<G: Generate>(
     backend: &G,
-    rows: &[Vec<u32>],
+    chunk: &[(usize, usize)],
+    pending: &mut [Pending],
     params: GenParams,
-    max_batch_size: usize,
+    started: Instant,
     metrics: &Metrics,
-) -> Result<(Vec<Output>, usize), String> {
-    let mut outputs = Vec::with_capacity(rows.len());
-    let mut largest = 0;
-    for chunk in rows.chunks(max_batch_size.max(1)) {
-        let started = Instant::now();
-        let out = catch_unwind(AssertUnwindSafe(|| backend.generate(chunk, params))).map_err(
-            |payload| format!("the inference worker panicked: {}", panic_message(&payload)),
-        )??;
-        if out.len() != chunk.len() {
-            return Err(format!(
-                "generation returned {} outputs for {} inputs",
-                out.len(),
-                chunk.len()
-            ));
-        }
-        metrics.record_batch(
-            chunk.len(),
-            out.iter().map(|o| o.tokens).sum(),
-            started.elapsed(),
-        );
-        largest = largest.max(chunk.len());
-        outputs.extend(out);
+) -> Result<(), String> {
+    let inputs: Vec<Vec<u32>> = chunk
+        .iter()
+        .map(|&(j, r)| pending[j].job.inputs[r].clone())
+        .collect();
+    for &(j, _) in chunk {
+        pending[j].batch_size = pending[j].batch_size.max(chunk.len());
     }
-    Ok((outputs, largest))
+    let chunk_started = Instant::now();
+    let (mut handed, mut tokens) = (0usize, 0usize);
+    let mut ready = |i: usize, out: Output| {
+        let Some(&(j, r)) = chunk.get(i) else {
+            return; // not a row of this chunk: ignored, and caught by the count below
+        };
+        let p = &mut pending[j];
+        if p.outputs[r].is_some() {
+            return;
+        }
+        handed += 1;
+        tokens += out.tokens;
+        p.outputs[r] = Some(out);
+        p.missing -= 1;
+        if p.missing == 0 {
+            p.answered = true;
+            let outputs = p
+                .outputs
+                .iter_mut()
+                .map(|o| o.take().expect("all rows present"))
+                .collect();
+            let (tx, _) = oneshot::channel();
+            let reply = std::mem::replace(&mut p.job.reply, tx);
+            let _ = reply.send(Ok(JobResult {
+                outputs,
+                batch_size: p.batch_size,
+                queue_time: started.saturating_duration_since(p.job.enqueued),
+                inference_time: started.elapsed(),
+            }));
+        }
+    };
+    catch_unwind(AssertUnwindSafe(|| {
+        backend.generate(&inputs, params, &mut ready)
+    }))
+    .map_err(|payload| format!("the inference worker panicked: {}", panic_message(&payload)))??;
+    metrics.record_batch(chunk.len(), tokens, chunk_started.elapsed());
+    if handed != chunk.len() {
+        return Err(format!(
+            "generation returned {handed} outputs for {} inputs",
+            chunk.len()
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
@@ -301,14 +352,22 @@ mod tests {
     use std::sync::Mutex;
 
     /// Echoes the first token of each row; records batch sizes; panics on token 666, fails on 13.
+    /// Rows are handed over shortest-second-token first (like generation, where short answers
+    /// finish first), waiting `step` before each.
     #[derive(Default)]
     struct Fake {
         batches: Mutex<Vec<(usize, GenParams)>>,
         delay: Duration,
+        step: Duration,
     }
 
     impl Generate for Fake {
-        fn generate(&self, inputs: &[Vec<u32>], params: GenParams) -> Result<Vec<Output>, String> {
+        fn generate(
+            &self,
+            inputs: &[Vec<u32>],
+            params: GenParams,
+            ready: &mut dyn FnMut(usize, Output),
+        ) -> Result<(), String> {
             std::thread::sleep(self.delay);
             self.batches.lock().unwrap().push((inputs.len(), params));
             if inputs.iter().any(|r| r[0] == 666) {
@@ -317,14 +376,20 @@ mod tests {
             if inputs.iter().any(|r| r[0] == 13) {
                 return Err("unlucky input".into());
             }
-            Ok(inputs
-                .iter()
-                .map(|r| Output {
-                    keywords: vec![r[0].to_string()],
-                    text: r[0].to_string(),
-                    tokens: 1,
-                })
-                .collect())
+            let mut order: Vec<usize> = (0..inputs.len()).collect();
+            order.sort_by_key(|&i| inputs[i][1]);
+            for i in order {
+                std::thread::sleep(self.step);
+                ready(
+                    i,
+                    Output {
+                        keywords: vec![inputs[i][0].to_string()],
+                        text: inputs[i][0].to_string(),
+                        tokens: 1,
+                    },
+                );
+            }
+            Ok(())
         }
     }
 
@@ -437,6 +502,45 @@ mod tests {
             answer(rc).unwrap_err(),
             JobError::Failed("unlucky input".into())
         );
+    }
+
+    #[test]
+    fn a_request_is_answered_as_soon_as_its_rows_are_done() {
+        let fake = Fake {
+            step: Duration::from_millis(150),
+            ..Fake::default()
+        };
+        // Job `slow` (two rows, one finishing last) and job `fast` (finishing first) share a batch.
+        let (mut slow, r_slow) = job(7, P);
+        slow.inputs = vec![vec![7, 9], vec![8, 2]];
+        let (mut fast, r_fast) = job(5, P);
+        fast.inputs = vec![vec![5, 1]];
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_wait: Duration::ZERO,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = Queue::new(10, metrics);
+        queue.submit(slow).unwrap();
+        queue.submit(fast).unwrap();
+        drop(queue);
+        let worker = std::thread::spawn(move || {
+            run_worker(&fake, rx, policy, &AtomicBool::new(false));
+            fake
+        });
+        let fast = answer(r_fast).unwrap();
+        assert!(
+            !worker.is_finished(),
+            "answered while the batch was still generating"
+        );
+        let slow = answer(r_slow).unwrap();
+        let fake = worker.join().unwrap();
+        assert_eq!(fake.batches.lock().unwrap().len(), 1, "one batch for both");
+        assert_eq!(fast.outputs[0].text, "5");
+        assert_eq!(fast.batch_size, 3);
+        let texts: Vec<&str> = slow.outputs.iter().map(|o| o.text.as_str()).collect();
+        assert_eq!(texts, ["7", "8"], "rows back in request order");
+        assert!(fast.inference_time < slow.inference_time);
     }
 
     #[test]

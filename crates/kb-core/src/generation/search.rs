@@ -46,10 +46,28 @@ pub fn generate(
     inputs: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<Vec<Generated>> {
+    let mut outputs: Vec<Option<Generated>> = vec![None; inputs.len()];
+    generate_each(model, inputs, cfg, &mut |i, g| outputs[i] = Some(g))?;
+    outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| g.ok_or_else(|| Error::Invalid(format!("no output for input {i}"))))
+        .collect()
+}
+
+/// [`generate`], handing each input's output to `done` (with the input's index) as soon as it
+/// is final — an input that finishes early is reported before the batch ends (and leaves the
+/// batch). Every input is reported exactly once when this returns `Ok`.
+pub fn generate_each(
+    model: &Bart,
+    inputs: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    done: &mut dyn FnMut(usize, Generated),
+) -> Result<()> {
     cfg.validate()
         .map_err(|(field, msg)| Error::Invalid(format!("generation setting {field}: {msg}")))?;
     if inputs.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let max_pos = model.config().max_position_embeddings;
     for (i, row) in inputs.iter().enumerate() {
@@ -75,12 +93,12 @@ pub fn generate(
     if cfg.num_beams == 1 {
         let mut cache = model.start_decoding(&encoded, Some(&mask))?;
         cache.reserve(cfg.effective_max_length());
-        greedy(model, cache, inputs.len(), cfg)
+        greedy(model, cache, inputs.len(), cfg, done)
     } else {
         // The beams of an input share its encoder output and cross-attention keys/values.
         let mut cache = model.start_decoding_grouped(&encoded, Some(&mask), cfg.num_beams)?;
         cache.reserve(cfg.effective_max_length());
-        beam_search(model, cache, inputs.len(), cfg)
+        beam_search(model, cache, inputs.len(), cfg, done)
     }
 }
 
@@ -112,7 +130,8 @@ fn greedy(
     mut cache: DecoderCache,
     batch: usize,
     cfg: &GenerationConfig,
-) -> Result<Vec<Generated>> {
+    done: &mut dyn FnMut(usize, Generated),
+) -> Result<()> {
     let max_length = cfg.effective_max_length();
     let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
     let mut seqs: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; batch];
@@ -132,29 +151,34 @@ fn greedy(
             process(&mut row, &seqs[b], cfg);
             let next = argmax(&row);
             seqs[b].push(next);
-            if !cfg.eos_token_ids.contains(&next) {
+            if cfg.eos_token_ids.contains(&next) {
+                done(b, greedy_output(&seqs[b], cfg));
+            } else {
                 still.push(pos);
             }
         }
         cur_len += 1;
         if still.is_empty() {
-            break;
+            return Ok(());
         }
         if still.len() < active.len() {
             cache.retain_groups(&still)?;
             active = still.iter().map(|&pos| active[pos]).collect();
         }
     }
-    Ok(seqs
-        .into_iter()
-        .map(|s| {
-            let mut ids = s[1..].to_vec();
-            if let Some(end) = ids.iter().position(|t| cfg.eos_token_ids.contains(t)) {
-                ids.truncate(end + 1);
-            }
-            Generated { ids, score: None }
-        })
-        .collect())
+    for b in active {
+        done(b, greedy_output(&seqs[b], cfg));
+    }
+    Ok(())
+}
+
+/// A greedy sequence (decoder start token first) as returned: up to its first eos.
+fn greedy_output(seq: &[u32], cfg: &GenerationConfig) -> Generated {
+    let mut ids = seq[1..].to_vec();
+    if let Some(end) = ids.iter().position(|t| cfg.eos_token_ids.contains(t)) {
+        ids.truncate(end + 1);
+    }
+    Generated { ids, score: None }
 }
 
 /// Index of the first maximum (as `torch.argmax`).
@@ -238,7 +262,8 @@ fn beam_search(
     mut cache: DecoderCache,
     batch: usize,
     cfg: &GenerationConfig,
-) -> Result<Vec<Generated>> {
+    done: &mut dyn FnMut(usize, Generated),
+) -> Result<()> {
     let k = cfg.num_beams;
     let max_length = cfg.effective_max_length();
     let prompt_len = 1usize;
@@ -342,24 +367,32 @@ fn beam_search(
         let still: Vec<usize> = (0..active.len())
             .filter(|&pos| !settled(&states[active[pos]], cfg))
             .collect();
+        for (pos, &b) in active.iter().enumerate() {
+            if still.binary_search(&pos).is_err() {
+                done(b, beam_output(&states[b]));
+            }
+        }
         if still.is_empty() {
-            break;
+            return Ok(());
         }
         if still.len() < active.len() {
             cache.retain_groups(&still)?;
             active = still.iter().map(|&pos| active[pos]).collect();
         }
     }
-    Ok(states
-        .into_iter()
-        .map(|s| {
-            let best = &s.finished[0];
-            Generated {
-                ids: best.tokens[prompt_len..].to_vec(),
-                score: Some(best.score),
-            }
-        })
-        .collect())
+    for b in active {
+        done(b, beam_output(&states[b]));
+    }
+    Ok(())
+}
+
+/// An input's beam search result: its best finished hypothesis, without the start token.
+fn beam_output(state: &BeamState) -> Generated {
+    let best = &state.finished[0];
+    Generated {
+        ids: best.tokens[1..].to_vec(),
+        score: Some(best.score),
+    }
 }
 
 /// Whether an input's beam search result is final: no candidate can improve it any more, or
