@@ -9,6 +9,12 @@ use super::processors::{log_softmax_in_place, process};
 use crate::error::{Error, Result};
 use crate::model::{Bart, DecoderCache, Pass};
 
+/// Decoder positions reserved up front in the self-attention cache: the length limit when it
+/// is at most this (typical for keyword outputs), else this many and the cache grows by
+/// doubling — a generous `max_length` (the hub default is 512 for some models) must not
+/// reserve memory that short answers never use.
+const RESERVED_POSITIONS: usize = 64;
+
 /// Score transformers adds to rule a candidate out (`-1e9`).
 const MASKED: f32 = -1.0e9;
 
@@ -92,12 +98,12 @@ pub fn generate_each(
     let encoded = model.encode(&ids, Some(&mask), Pass::Inference)?;
     if cfg.num_beams == 1 {
         let mut cache = model.start_decoding(&encoded, Some(&mask))?;
-        cache.reserve(cfg.effective_max_length());
+        cache.reserve(cfg.effective_max_length().min(RESERVED_POSITIONS));
         greedy(model, cache, inputs.len(), cfg, done)
     } else {
         // The beams of an input share its encoder output and cross-attention keys/values.
         let mut cache = model.start_decoding_grouped(&encoded, Some(&mask), cfg.num_beams)?;
-        cache.reserve(cfg.effective_max_length());
+        cache.reserve(cfg.effective_max_length().min(RESERVED_POSITIONS));
         beam_search(model, cache, inputs.len(), cfg, done)
     }
 }

@@ -16,11 +16,27 @@ const DEFAULT_CAPACITY: usize = 16;
 
 /// Self-attention keys and values of one decoder layer, `(rows, heads, capacity, head_dim)`
 /// buffers of which the first `len` positions are filled.
-#[derive(Debug, Clone, Default)]
+///
+/// The buffers are written in place, so a clone copies them (two caches never share one).
+#[derive(Debug, Default)]
 pub struct SelfAttentionCache {
     buffers: Option<KeyValues>,
     len: usize,
     capacity_hint: usize,
+}
+
+impl Clone for SelfAttentionCache {
+    fn clone(&self) -> Self {
+        let copy = |t: &Tensor| t.copy().expect("copying a tensor on its own device");
+        Self {
+            buffers: self.buffers.as_ref().map(|b| KeyValues {
+                keys: copy(&b.keys),
+                values: copy(&b.values),
+            }),
+            len: self.len,
+            capacity_hint: self.capacity_hint,
+        }
+    }
 }
 
 impl SelfAttentionCache {
@@ -293,6 +309,21 @@ mod tests {
         same(
             &cache.view().unwrap().unwrap(),
             &cat(&first.select_rows(&idx).unwrap(), &second),
+        );
+    }
+
+    #[test]
+    fn a_clone_does_not_share_buffers() {
+        let mut a = SelfAttentionCache::with_capacity(4);
+        a.append(&kv(2, 1, 1, 0.0)).unwrap();
+        let mut b = a.clone();
+        b.append(&kv(2, 1, 1, 10.0)).unwrap();
+        a.append(&kv(2, 1, 1, 20.0)).unwrap();
+        b.reorder(&[1, 1]).unwrap();
+        let first = kv(2, 1, 1, 0.0);
+        same(
+            &a.view().unwrap().unwrap(),
+            &cat(&first, &kv(2, 1, 1, 20.0)),
         );
     }
 
