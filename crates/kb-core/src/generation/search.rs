@@ -108,19 +108,9 @@ pub fn generate_each(
     }
 }
 
-/// Runs one decoder step for the last token of each row; returns f32 logits, one row each.
-fn step_logits(model: &Bart, cache: &mut DecoderCache, last: &[u32]) -> Result<Vec<Vec<f32>>> {
-    let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
-    let logits = model.decode_step(&ids, cache)?.squeeze(1)?;
-    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-}
-
-/// [`step_logits`] as one flat row-major buffer (`rows × vocab`) and the vocabulary size.
-fn step_logits_flat(
-    model: &Bart,
-    cache: &mut DecoderCache,
-    last: &[u32],
-) -> Result<(Vec<f32>, usize)> {
+/// Runs one decoder step for the last token of each row; returns the f32 logits as one
+/// row-major buffer (`rows × vocab`) and the vocabulary size.
+fn step_logits(model: &Bart, cache: &mut DecoderCache, last: &[u32]) -> Result<(Vec<f32>, usize)> {
     let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
     let logits = model.decode_step(&ids, cache)?.squeeze(1)?;
     let vocab = logits.dim(1)?;
@@ -150,12 +140,12 @@ fn greedy(
             .iter()
             .map(|&b| *seqs[b].last().unwrap_or(&pad))
             .collect();
-        let logits = step_logits(model, &mut cache, &last)?;
+        let (mut logits, vocab) = step_logits(model, &mut cache, &last)?;
         let mut still = Vec::with_capacity(active.len());
-        for (pos, mut row) in logits.into_iter().enumerate() {
+        for (pos, row) in logits.chunks_mut(vocab).enumerate() {
             let b = active[pos];
-            process(&mut row, &seqs[b], cfg);
-            let next = argmax(&row);
+            process(row, &seqs[b], cfg);
+            let next = argmax(row);
             seqs[b].push(next);
             if cfg.eos_token_ids.contains(&next) {
                 done(b, greedy_output(&seqs[b], cfg));
@@ -236,10 +226,11 @@ fn push_top_k(best: &mut Vec<(f32, usize)>, scores: &[f32], offset: f32, base: u
     let mut row: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
     for (i, &v) in scores.iter().enumerate() {
         let key = rank_key(v + offset);
-        if row.len() == k && key <= row[k - 1].0 {
+        // The same total order as `rank` (so -0.0 ranks below 0.0, as in `top_k`).
+        if row.len() == k && key.total_cmp(&row[k - 1].0).is_le() {
             continue;
         }
-        let at = row.partition_point(|e| e.0 >= key);
+        let at = row.partition_point(|e| e.0.total_cmp(&key).is_ge());
         row.insert(at, (key, base + i));
         row.truncate(k);
     }
@@ -310,7 +301,7 @@ fn beam_search(
                     .map(|h| *h.tokens.last().unwrap_or(&0))
             })
             .collect();
-        let (mut logits, vocab) = step_logits_flat(model, &mut cache, &last)?;
+        let (mut logits, vocab) = step_logits(model, &mut cache, &last)?;
         let mut live: Vec<&mut BeamState> = states
             .iter_mut()
             .enumerate()
@@ -521,10 +512,10 @@ mod tests {
         // Ties within and across rows, NaN, -inf, offsets that create ties after rounding.
         let rows: [&[f32]; 3] = [
             &[0.5, 2.0, f32::NEG_INFINITY, 2.0, 1.0, f32::NAN],
-            &[2.0, 1.0, 1.0, 3.0, f32::NEG_INFINITY, 0.25],
+            &[2.0, 1.0, -0.0, 3.0, f32::NEG_INFINITY, 0.0],
             &[f32::NEG_INFINITY; 6],
         ];
-        let offsets = [0.0f32, -1.0, 1e9];
+        let offsets = [0.0f32, -0.0, 1e9];
         for k in [1, 2, 4, 7, 18, 30] {
             let mut best = Vec::new();
             let mut all = Vec::new();
