@@ -458,7 +458,7 @@ impl Bart {
                 Ok(None)
             }
         };
-        let encoder = Encoder {
+        let mut encoder = Encoder {
             embeddings: Embeddings::load(cfg, &shared, &enc_vb)?,
             layers: (0..cfg.encoder_layers)
                 .map(|i| EncoderLayer::load(cfg, enc_vb.pp(format!("layers.{i}"))))
@@ -466,7 +466,7 @@ impl Bart {
             final_norm: final_norm(&enc_vb)?,
             dropout: cfg.dropout,
         };
-        let decoder = Decoder {
+        let mut decoder = Decoder {
             embeddings: Embeddings::load(cfg, &shared, &dec_vb)?,
             layers: (0..cfg.decoder_layers)
                 .map(|i| DecoderLayer::load(cfg, dec_vb.pp(format!("layers.{i}"))))
@@ -474,7 +474,6 @@ impl Bart {
             final_norm: final_norm(&dec_vb)?,
             dropout: cfg.dropout,
         };
-        let (mut encoder, mut decoder) = (encoder, decoder);
         for layer in &mut encoder.layers {
             layer.self_attn.fuse_projections()?;
         }

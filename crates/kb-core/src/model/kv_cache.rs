@@ -62,10 +62,7 @@ impl SelfAttentionCache {
 
     /// Positions the buffers hold before they must grow (0 before the first write).
     pub fn capacity(&self) -> usize {
-        self.buffers
-            .as_ref()
-            .map(|b| b.keys.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+        self.buffers.as_ref().map_or(0, KeyValues::len)
     }
 
     /// Appends `new` (`(rows, heads, positions, head_dim)`) after the filled positions.

@@ -264,14 +264,6 @@ impl KeyValues {
         self.len() == 0
     }
 
-    /// Appends new positions (self-attention cache update).
-    pub fn append(&self, new: &KeyValues) -> candle_core::Result<KeyValues> {
-        Ok(KeyValues {
-            keys: Tensor::cat(&[&self.keys, &new.keys], 2)?,
-            values: Tensor::cat(&[&self.values, &new.values], 2)?,
-        })
-    }
-
     /// Selects rows of the batch (beam reordering).
     pub fn select_rows(&self, rows: &Tensor) -> candle_core::Result<KeyValues> {
         Ok(KeyValues {
