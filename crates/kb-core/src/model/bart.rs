@@ -15,7 +15,7 @@ use super::layers::{
     additive_causal_mask, additive_padding_mask, dropout, matmul_weight_t, Attention, FeedForward,
     KeyValues, LayerNorm, Pass,
 };
-use super::step_attention;
+use super::{cpu_linear, step_attention};
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
 
@@ -474,12 +474,6 @@ impl Bart {
             final_norm: final_norm(&dec_vb)?,
             dropout: cfg.dropout,
         };
-        for layer in &mut encoder.layers {
-            layer.self_attn.fuse_projections()?;
-        }
-        for layer in &mut decoder.layers {
-            layer.self_attn.fuse_projections()?;
-        }
         let lm_head = if cfg.tie_word_embeddings {
             shared.clone()
         } else {
@@ -490,6 +484,19 @@ impl Bart {
             "final_logits_bias",
             candle_nn::Init::Const(0.0),
         )?;
+        let (dtype, device) = (vb.dtype(), vb.device().clone());
+        // The builder holds the loaded tensors: dropped first, each original weight is freed as
+        // soon as its prepared copy replaces it, so preparing adds one matrix at a time.
+        drop((vb, enc_vb, dec_vb));
+        for layer in &mut encoder.layers {
+            layer.self_attn.prepare_inference()?;
+            layer.ffn.prepare_inference()?;
+        }
+        for layer in &mut decoder.layers {
+            layer.self_attn.prepare_inference()?;
+            layer.encoder_attn.prepare_inference()?;
+            layer.ffn.prepare_inference()?;
+        }
         let logits_bias_is_zero = !final_logits_bias.is_variable()
             && final_logits_bias
                 .to_dtype(DType::F32)?
@@ -504,8 +511,8 @@ impl Bart {
             lm_head,
             final_logits_bias,
             logits_bias_is_zero,
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
+            dtype,
+            device,
         })
     }
 
@@ -690,7 +697,13 @@ impl Bart {
 
     fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
-        let mut logits = matmul_weight_t(&hidden.reshape((b * t, d))?, &self.lm_head)?;
+        let hidden = hidden.reshape((b * t, d))?;
+        let mut logits =
+            if !self.lm_head.is_variable() && cpu_linear::applies(&hidden, &self.lm_head) {
+                cpu_linear::linear(&hidden, &self.lm_head, None)?
+            } else {
+                matmul_weight_t(&hidden, &self.lm_head)?
+            };
         if !self.logits_bias_is_zero {
             logits = logits.broadcast_add(&self.final_logits_bias)?;
         }

@@ -4,11 +4,13 @@
 //! fused layer-norm and softmax kernels have no backward pass, so training uses composed ops.
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
+use super::cpu_linear;
 use crate::config::Activation;
 
 /// Layer-norm epsilon used by every BART layer norm (PyTorch's default).
@@ -19,7 +21,11 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
     // Every weight is then set from a checkpoint or by `Trainable::from_scratch`: no random init.
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::Init::Const(0.0))?;
     let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(Linear { weight, bias })
+    Ok(Linear {
+        weight,
+        bias,
+        cpu_bias: None,
+    })
 }
 
 /// `y = x Wᵀ + b` with `W` of shape `(out, in)`, as `torch.nn.Linear`.
@@ -27,6 +33,38 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
 pub struct Linear {
     weight: Tensor,
     bias: Tensor,
+    /// The bias as host values, set by [`Linear::prepare_inference`]: the layer then computes
+    /// with [`super::cpu_linear`].
+    cpu_bias: Option<Arc<[f32]>>,
+}
+
+impl Linear {
+    /// For inference with frozen f32 weights on the CPU: stores the weight transposed —
+    /// `(in, out)` contiguous, `weight` becoming an `(out, in)` view of it, so no memory is
+    /// added once the original is dropped — and computes with [`super::cpu_linear`], which
+    /// reads that layout without repacking it. Trainable or non-f32/non-CPU weights are left
+    /// alone.
+    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
+        if self.cpu_bias.is_some()
+            || self.weight.is_variable()
+            || !cpu_linear::applies(&self.weight, &self.weight)
+        {
+            return Ok(());
+        }
+        self.weight = self.weight.t()?.contiguous()?.t()?;
+        self.cpu_bias = Some(self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into());
+        Ok(())
+    }
+
+    /// Output features `[from, from + len)` as a layer of their own (a view: no copy of the
+    /// weight).
+    fn narrow_outputs(&self, from: usize, len: usize) -> candle_core::Result<Linear> {
+        Ok(Linear {
+            weight: self.weight.narrow(0, from, len)?,
+            bias: self.bias.narrow(0, from, len)?,
+            cpu_bias: self.cpu_bias.as_ref().map(|b| b[from..from + len].into()),
+        })
+    }
 }
 
 impl Module for Linear {
@@ -38,6 +76,12 @@ impl Module for Linear {
         let mut out_dims = x.dims().to_vec();
         *out_dims.last_mut().expect("at least one dim") = self.weight.dim(0)?;
         let x2 = x.reshape((rows, features))?;
+        if let Some(bias) = &self.cpu_bias {
+            if cpu_linear::applies(&x2, &self.weight) {
+                return cpu_linear::linear(&x2, &self.weight, Some(bias.clone()))?
+                    .reshape(out_dims);
+            }
+        }
         let y = matmul_weight_t(&x2, &self.weight)?;
         y.broadcast_add(&self.bias)?.reshape(out_dims)
     }
@@ -53,7 +97,8 @@ const WEIGHT_FIRST_MAX_ROWS: usize = 32;
 ///   instead of as a transposed copy that must be added back element by element with strides
 ///   (a full pass over every weight matrix per step); the transposes move to the activations,
 ///   which are far smaller than the weights at fine-tuning batch sizes;
-/// - decoding steps with few rows (one query's beams, a small greedy batch): candle's CPU
+/// - decoding steps with few rows (one query's beams, a small greedy batch) with frozen weights
+///   that [`Linear::prepare_inference`] leaves to candle (f16/bf16 on the CPU): candle's CPU
 ///   matrix multiply runs this form 1.2–2.5× faster alone at BART's shapes for 5–16 rows; at 80
 ///   rows the product alone is still faster but a whole decoding step is ~5% slower (the
 ///   transposed result makes the following bias add and norms strided), and at 240+ rows it is
@@ -328,9 +373,10 @@ impl Attention {
 
     /// For inference: stacks the q, k and v weights into one `(3·dim, dim)` matrix so that
     /// self-attention projects with one matrix product instead of three (fewer, larger
-    /// products: faster on the CPU); the separate projections become views of it, so no memory
-    /// is added. Trainable weights are left alone.
-    pub fn fuse_projections(&mut self) -> candle_core::Result<()> {
+    /// products: faster on the CPU), the separate projections becoming views of it (no memory
+    /// added), and prepares every projection for the CPU ([`Linear::prepare_inference`]).
+    /// Trainable weights are left alone.
+    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
         if self.qkv.is_some() || self.q_proj.weight.is_variable() {
             return Ok(());
         }
@@ -347,17 +393,17 @@ impl Attention {
             &[&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias],
             0,
         )?;
-        let part = |i: usize| -> candle_core::Result<Linear> {
-            Ok(Linear {
-                weight: weight.narrow(0, i * dim, dim)?,
-                bias: bias.narrow(0, i * dim, dim)?,
-            })
+        let mut qkv = Linear {
+            weight,
+            bias,
+            cpu_bias: None,
         };
-        self.q_proj = part(0)?;
-        self.k_proj = part(1)?;
-        self.v_proj = part(2)?;
-        self.qkv = Some(Linear { weight, bias });
-        Ok(())
+        qkv.prepare_inference()?;
+        self.q_proj = qkv.narrow_outputs(0, dim)?;
+        self.k_proj = qkv.narrow_outputs(dim, dim)?;
+        self.v_proj = qkv.narrow_outputs(2 * dim, dim)?;
+        self.qkv = Some(qkv);
+        self.out_proj.prepare_inference()
     }
 
     /// Scaled queries `(batch, len, dim)` and the keys/values of `x` `(batch, len, dim)`
@@ -458,6 +504,12 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
+    /// Prepares `fc1` and `fc2` for inference ([`Linear::prepare_inference`]).
+    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
+        self.fc1.prepare_inference()?;
+        self.fc2.prepare_inference()
+    }
+
     /// Loads `fc1` and `fc2` from `vb` (they sit directly in the layer in BART's naming).
     pub fn load(
         dim: usize,
