@@ -39,25 +39,20 @@ fn settings(model: &KeywordModel, case: &Value) -> kb_core::GenerationConfig {
     g
 }
 
-#[test]
-fn generations_match_transformers_exactly() {
+/// The tiny fixture model, transformers' golden generations and their input ids.
+fn load_golden() -> (KeywordModel, Value, Vec<Vec<u32>>) {
     let model =
         KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("golden/generation.json")).unwrap())
             .unwrap();
-    let inputs: Vec<Vec<u32>> = golden["input_ids"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|t| t.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
+    let inputs: Vec<Vec<u32>> = serde_json::from_value(golden["input_ids"].clone()).unwrap();
+    (model, golden, inputs)
+}
+
+#[test]
+fn generations_match_transformers_exactly() {
+    let (model, golden, inputs) = load_golden();
     // The tokenizer must reproduce transformers' input ids too.
     let queries: Vec<&str> = golden["queries"]
         .as_array()
@@ -128,12 +123,7 @@ fn single_input_equals_its_row_in_a_batch() {
 
 #[test]
 fn outputs_are_reported_as_inputs_finish() {
-    let model =
-        KeywordModel::load_dir(&fixture("tiny-kobart"), DType::F32, &test_device()).unwrap();
-    let golden: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("golden/generation.json")).unwrap())
-            .unwrap();
-    let inputs: Vec<Vec<u32>> = serde_json::from_value(golden["input_ids"].clone()).unwrap();
+    let (model, golden, inputs) = load_golden();
     for case in golden["cases"].as_array().unwrap() {
         let cfg = settings(&model, &case["case"]);
         let name = case["case"]["name"].as_str().unwrap();

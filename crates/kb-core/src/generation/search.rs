@@ -154,18 +154,27 @@ fn greedy(
             }
         }
         cur_len += 1;
-        if still.is_empty() {
+        if !keep_active(&mut active, &still, &mut cache)? {
             return Ok(());
-        }
-        if still.len() < active.len() {
-            cache.retain_groups(&still)?;
-            active = still.iter().map(|&pos| active[pos]).collect();
         }
     }
     for b in active {
         done(b, greedy_output(&seqs[b], cfg));
     }
     Ok(())
+}
+
+/// Narrows the batch to the inputs still generating: `still` lists their positions in `active`
+/// (ascending); the cache keeps only their rows. Returns whether any input is left.
+fn keep_active(active: &mut Vec<usize>, still: &[usize], cache: &mut DecoderCache) -> Result<bool> {
+    if still.is_empty() {
+        return Ok(false);
+    }
+    if still.len() < active.len() {
+        cache.retain_groups(still)?;
+        *active = still.iter().map(|&pos| active[pos]).collect();
+    }
+    Ok(true)
 }
 
 /// A greedy sequence (decoder start token first) as returned: up to its first eos.
@@ -369,12 +378,8 @@ fn beam_search(
                 done(b, beam_output(&states[b]));
             }
         }
-        if still.is_empty() {
+        if !keep_active(&mut active, &still, &mut cache)? {
             return Ok(());
-        }
-        if still.len() < active.len() {
-            cache.retain_groups(&still)?;
-            active = still.iter().map(|&pos| active[pos]).collect();
         }
     }
     for b in active {

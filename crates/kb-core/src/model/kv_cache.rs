@@ -173,25 +173,37 @@ impl ReorderRows {
         let row_len = heads * capacity * head_dim;
         // The filled part of one head's positions.
         let seg = self.filled * head_dim;
-        // Save every source row first: a row may be read after it has been overwritten.
         let moved: Vec<usize> = (0..n).filter(|&i| self.rows[i] as usize != i).collect();
-        let mut sources: Vec<usize> = moved.iter().map(|&i| self.rows[i] as usize).collect();
-        sources.sort_unstable();
-        sources.dedup();
-        let mut saved = vec![T::zero(); sources.len() * heads * seg];
-        for (s, &src) in sources.iter().enumerate() {
+        // Sources that are themselves overwritten are saved first; every other source keeps
+        // its data throughout and is copied from where it is.
+        let mut saved_rows: Vec<usize> = moved
+            .iter()
+            .map(|&i| self.rows[i] as usize)
+            .filter(|&src| self.rows[src] as usize != src)
+            .collect();
+        saved_rows.sort_unstable();
+        saved_rows.dedup();
+        let mut saved = vec![T::zero(); saved_rows.len() * heads * seg];
+        for (s, &src) in saved_rows.iter().enumerate() {
             for h in 0..heads {
                 let from = src * row_len + h * capacity * head_dim;
                 saved[(s * heads + h) * seg..][..seg].copy_from_slice(&data[from..from + seg]);
             }
         }
         for &i in &moved {
-            let s = sources
-                .binary_search(&(self.rows[i] as usize))
-                .expect("every source was saved");
+            let src = self.rows[i] as usize;
+            let saved_at = saved_rows.binary_search(&src).ok();
             for h in 0..heads {
                 let to = i * row_len + h * capacity * head_dim;
-                data[to..to + seg].copy_from_slice(&saved[(s * heads + h) * seg..][..seg]);
+                match saved_at {
+                    Some(s) => {
+                        data[to..to + seg].copy_from_slice(&saved[(s * heads + h) * seg..][..seg])
+                    }
+                    None => {
+                        let from = src * row_len + h * capacity * head_dim;
+                        data.copy_within(from..from + seg, to);
+                    }
+                }
             }
         }
         Ok(())
@@ -279,6 +291,7 @@ mod tests {
             [0u32, 0, 0, 3, 4],
             [4, 3, 2, 1, 0],
             [1, 1, 4, 4, 2],
+            [2, 0, 1, 3, 3],
             [0, 1, 2, 3, 4],
         ]
         .iter()
