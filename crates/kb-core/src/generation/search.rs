@@ -1,7 +1,7 @@
 //! Greedy and beam search over [`Bart`], reproducing transformers' `generate()` for
 //! encoder-decoder models (transformers 4.57's vectorised beam search, step for step).
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::config::{EarlyStopping, GenerationConfig};
@@ -112,13 +112,7 @@ pub fn generate_each(
 /// row-major buffer (`rows × vocab`) and the vocabulary size.
 fn step_logits(model: &Bart, cache: &mut DecoderCache, last: &[u32]) -> Result<(Vec<f32>, usize)> {
     let ids = Tensor::from_vec(last.to_vec(), (last.len(), 1), model.device())?;
-    let logits = model.decode_step(&ids, cache)?.squeeze(1)?;
-    let vocab = logits.dim(1)?;
-    let flat = logits
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok((flat, vocab))
+    model.decode_step_to_host(&ids, cache)
 }
 
 fn greedy(

@@ -655,6 +655,47 @@ impl Bart {
     /// Decodes the next `(batch, new)` tokens given the cache, appending their keys/values.
     /// Returns logits `(batch, new, vocab)`.
     pub fn decode_step(&self, ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
+        let hidden = self.decode_step_hidden(ids, cache)?;
+        self.lm_logits(&hidden)
+    }
+
+    /// [`Bart::decode_step`] returning the logits as f32 host values, `batch · new` rows of
+    /// `vocab` (row-major), with the vocabulary size. On the CPU in f32 the logits are written
+    /// straight into the returned buffer (no tensor to copy out of).
+    pub fn decode_step_to_host(
+        &self,
+        ids: &Tensor,
+        cache: &mut DecoderCache,
+    ) -> Result<(Vec<f32>, usize)> {
+        let hidden = self.decode_step_hidden(ids, cache)?;
+        let (b, t, d) = hidden.dims3()?;
+        let hidden = hidden.reshape((b * t, d))?;
+        let vocab = self.config.vocab_size;
+        if !self.lm_head.is_variable() && cpu_linear::applies(&hidden, &self.lm_head) {
+            let mut logits = cpu_linear::linear_to_host(&hidden, &self.lm_head, None)?;
+            if !self.logits_bias_is_zero {
+                let bias = self
+                    .final_logits_bias
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                for row in logits.chunks_mut(vocab) {
+                    row.iter_mut().zip(&bias).for_each(|(l, b)| *l += b);
+                }
+            }
+            return Ok((logits, vocab));
+        }
+        let logits = self
+            .lm_logits(&hidden.reshape((b, t, d))?)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok((logits, vocab))
+    }
+
+    /// The decoder's last hidden states `(batch, new, d_model)` for the next `(batch, new)`
+    /// tokens (see [`Bart::decode_step`]).
+    fn decode_step_hidden(&self, ids: &Tensor, cache: &mut DecoderCache) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let past = cache.past;
         let self_mask = if t > 1 {
@@ -692,7 +733,7 @@ impl Bart {
             x = ln.forward(&x, Pass::Inference)?;
         }
         cache.past += t;
-        self.lm_logits(&x)
+        Ok(x)
     }
 
     fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {

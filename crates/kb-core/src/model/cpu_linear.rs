@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Output features per slice are rounded to a multiple of this (the GEMM's register tiles).
@@ -41,6 +41,23 @@ pub fn linear(
 ) -> candle_core::Result<Tensor> {
     x.contiguous()?
         .apply_op2_no_bwd(weight, &CpuLinear { bias })
+}
+
+/// [`linear`] returning the `rows × out` result as host values (row-major) instead of a
+/// tensor: no copy of the result, for a consumer that reads it on the host (the decoder's
+/// vocabulary logits, read by the search every step).
+pub fn linear_to_host(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    let x = x.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = weight.storage_and_layout();
+    match (&*x_storage, &*w_storage) {
+        (Storage::Cpu(xs), Storage::Cpu(ws)) => product(xs, x_layout, ws, w_layout, bias),
+        _ => candle_core::bail!("cpu linear: tensors must be on the CPU"),
+    }
 }
 
 struct CpuLinear {
@@ -81,80 +98,99 @@ impl CustomOp2 for CpuLinear {
         w_storage: &CpuStorage,
         w_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, features) = x_layout.shape().dims2()?;
-        let (outputs, w_features) = w_layout.shape().dims2()?;
-        if features != w_features {
-            candle_core::bail!(
-                "cpu linear: input {:?} does not match weight {:?}",
-                x_layout.shape(),
-                w_layout.shape()
+        let y = product(
+            x_storage,
+            x_layout,
+            w_storage,
+            w_layout,
+            self.bias.as_deref(),
+        )?;
+        let shape = Shape::from((x_layout.dims()[0], w_layout.dims()[0]));
+        Ok((CpuStorage::F32(y), shape))
+    }
+}
+
+/// `x Wᵀ (+ bias)` from CPU storages (see [`linear`]).
+fn product(
+    x_storage: &CpuStorage,
+    x_layout: &Layout,
+    w_storage: &CpuStorage,
+    w_layout: &Layout,
+    bias: Option<&[f32]>,
+) -> candle_core::Result<Vec<f32>> {
+    let (rows, features) = x_layout.shape().dims2()?;
+    let (outputs, w_features) = w_layout.shape().dims2()?;
+    if features != w_features {
+        candle_core::bail!(
+            "cpu linear: input {:?} does not match weight {:?}",
+            x_layout.shape(),
+            w_layout.shape()
+        );
+    }
+    if let Some(b) = &bias {
+        if b.len() != outputs {
+            candle_core::bail!("cpu linear: {} bias values for {outputs} outputs", b.len());
+        }
+    }
+    if !x_layout.is_contiguous() {
+        candle_core::bail!("cpu linear: the input must be contiguous");
+    }
+    let x = &f32_data(x_storage, "input")?[x_layout.start_offset()..][..rows * features];
+    let w = f32_data(w_storage, "weight")?;
+    let (w_out_stride, w_in_stride) = (w_layout.stride()[0], w_layout.stride()[1]);
+    let w0 = w_layout.start_offset();
+    if outputs > 0 && features > 0 {
+        let last = w0 + (outputs - 1) * w_out_stride + (features - 1) * w_in_stride;
+        if last >= w.len() {
+            candle_core::bail!("cpu linear: the weight view runs past its storage");
+        }
+    }
+
+    let mut y = match &bias {
+        Some(b) => b.repeat(rows),
+        None => vec![0f32; rows * outputs],
+    };
+    if rows == 0 || outputs == 0 {
+        return Ok(y);
+    }
+    let slices = 2 * rayon::current_num_threads();
+    let width = outputs
+        .div_ceil(slices)
+        .next_multiple_of(SLICE_ALIGN)
+        .min(outputs);
+    let out = OutPtr(y.as_mut_ptr());
+    let read_dst = bias.is_some();
+    (0..outputs.div_ceil(width)).into_par_iter().for_each(|s| {
+        let (c0, c1) = (s * width, ((s + 1) * width).min(outputs));
+        // SAFETY: `y` is `rows × outputs` row-major and outlives the loop; this task writes
+        // only columns `c0..c1` of it. `x` holds `rows × features` values and the weight
+        // view was checked to lie within its storage above; the GEMM reads weight element
+        // (i, j) — output c0 + j, input i — at `w0 + (c0 + j)·w_out_stride + i·w_in_stride`.
+        unsafe {
+            gemm::gemm(
+                rows,
+                c1 - c0,
+                features,
+                out.add(c0),
+                1,
+                outputs as isize,
+                read_dst,
+                x.as_ptr(),
+                1,
+                features as isize,
+                w.as_ptr().add(w0 + c0 * w_out_stride),
+                w_out_stride as isize,
+                w_in_stride as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
             );
         }
-        if let Some(b) = &self.bias {
-            if b.len() != outputs {
-                candle_core::bail!("cpu linear: {} bias values for {outputs} outputs", b.len());
-            }
-        }
-        if !x_layout.is_contiguous() {
-            candle_core::bail!("cpu linear: the input must be contiguous");
-        }
-        let x = &f32_data(x_storage, "input")?[x_layout.start_offset()..][..rows * features];
-        let w = f32_data(w_storage, "weight")?;
-        let (w_out_stride, w_in_stride) = (w_layout.stride()[0], w_layout.stride()[1]);
-        let w0 = w_layout.start_offset();
-        if outputs > 0 && features > 0 {
-            let last = w0 + (outputs - 1) * w_out_stride + (features - 1) * w_in_stride;
-            if last >= w.len() {
-                candle_core::bail!("cpu linear: the weight view runs past its storage");
-            }
-        }
-
-        let mut y = match &self.bias {
-            Some(b) => b.repeat(rows),
-            None => vec![0f32; rows * outputs],
-        };
-        if rows == 0 || outputs == 0 {
-            return Ok((CpuStorage::F32(y), Shape::from((rows, outputs))));
-        }
-        let slices = 2 * rayon::current_num_threads();
-        let width = outputs
-            .div_ceil(slices)
-            .next_multiple_of(SLICE_ALIGN)
-            .min(outputs);
-        let out = OutPtr(y.as_mut_ptr());
-        let read_dst = self.bias.is_some();
-        (0..outputs.div_ceil(width)).into_par_iter().for_each(|s| {
-            let (c0, c1) = (s * width, ((s + 1) * width).min(outputs));
-            // SAFETY: `y` is `rows × outputs` row-major and outlives the loop; this task writes
-            // only columns `c0..c1` of it. `x` holds `rows × features` values and the weight
-            // view was checked to lie within its storage above; the GEMM reads weight element
-            // (i, j) — output c0 + j, input i — at `w0 + (c0 + j)·w_out_stride + i·w_in_stride`.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    c1 - c0,
-                    features,
-                    out.add(c0),
-                    1,
-                    outputs as isize,
-                    read_dst,
-                    x.as_ptr(),
-                    1,
-                    features as isize,
-                    w.as_ptr().add(w0 + c0 * w_out_stride),
-                    w_out_stride as isize,
-                    w_in_stride as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
-        Ok((CpuStorage::F32(y), Shape::from((rows, outputs))))
-    }
+    });
+    Ok(y)
 }
 
 #[cfg(test)]
@@ -211,6 +247,8 @@ mod tests {
                 assert!(max_rel_diff(&got, &want) < 1e-5, "rows {rows}");
                 let got = linear(&x, weight, Some(host_bias.clone())).unwrap();
                 assert!(max_rel_diff(&got, &want_b) < 1e-5, "rows {rows} with bias");
+                let host = linear_to_host(&x, weight, Some(&host_bias)).unwrap();
+                assert_eq!(host, got.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
         }
     }
