@@ -35,7 +35,7 @@ pub use candle_core;
 pub use candle_nn;
 pub use config::BartConfig;
 pub use error::{Error, Result};
-pub use generation::{generate, generate_each, Generated, GenerationConfig};
+pub use generation::{generate, generate_each, generate_each_while, Generated, GenerationConfig};
 pub use model::Bart;
 pub use pipeline::{parse_device, parse_dtype, Extraction, KeywordModel};
 pub use source::{ModelSource, DEFAULT_MODEL};

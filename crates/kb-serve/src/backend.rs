@@ -35,12 +35,15 @@ pub struct Output {
 pub trait Generate {
     /// Generates one output per input row, all in one batch with `params`, handing each to
     /// `ready` with its row index as soon as it is final (rows that finish early are handed
-    /// over before the batch ends). On `Ok`, every row has been handed over once.
+    /// over before the batch ends). A row whose `wanted` turns false (asked between decoding
+    /// steps) may be dropped without an output. On `Ok`, every row still wanted has been
+    /// handed over once.
     fn generate(
         &self,
         inputs: &[Vec<u32>],
         params: GenParams,
         ready: &mut dyn FnMut(usize, Output),
+        wanted: &dyn Fn(usize) -> bool,
     ) -> Result<(), String>;
 }
 
@@ -126,7 +129,7 @@ impl Backend {
             ids
         };
         ids.truncate(info.max_input_tokens);
-        self.generate(&[ids], info.defaults, &mut |_, _| {})
+        self.generate(&[ids], info.defaults, &mut |_, _| {}, &|_| true)
             .map_err(|e| anyhow::anyhow!("warm-up generation failed: {e}"))?;
         Ok(started.elapsed())
     }
@@ -138,33 +141,31 @@ impl Generate for Backend {
         inputs: &[Vec<u32>],
         params: GenParams,
         ready: &mut dyn FnMut(usize, Output),
+        wanted: &dyn Fn(usize) -> bool,
     ) -> Result<(), String> {
         let mut gen = self.base.clone();
         gen.num_beams = params.num_beams;
         gen.max_length = params.max_length;
         gen.max_new_tokens = None;
         let mut decode_error = None;
+        let mut done = |i: usize, g: kb_core::Generated| match self.model.tokenizer.decode(&g.ids) {
+            Ok(text) => {
+                let (keywords, text) = answer(text, self.synonyms.as_ref());
+                ready(
+                    i,
+                    Output {
+                        keywords,
+                        text,
+                        tokens: g.ids.len(),
+                    },
+                );
+            }
+            Err(e) => {
+                decode_error.get_or_insert_with(|| format!("decoding input {i}: {e}"));
+            }
+        };
         let generated =
-            kb_core::generate_each(&self.model.model, inputs, &gen, &mut |i, g| match self
-                .model
-                .tokenizer
-                .decode(&g.ids)
-            {
-                Ok(text) => {
-                    let (keywords, text) = answer(text, self.synonyms.as_ref());
-                    ready(
-                        i,
-                        Output {
-                            keywords,
-                            text,
-                            tokens: g.ids.len(),
-                        },
-                    );
-                }
-                Err(e) => {
-                    decode_error.get_or_insert_with(|| format!("decoding input {i}: {e}"));
-                }
-            });
+            kb_core::generate_each_while(&self.model.model, inputs, &gen, &mut done, wanted);
         // The batch's buffers are freed: hand them back rather than hold the largest batch's.
         kb_core::allocator::release_freed_memory();
         generated.map_err(|e| e.to_string())?;

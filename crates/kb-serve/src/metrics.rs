@@ -128,7 +128,8 @@ impl Metrics {
         self.queries.fetch_add(size as u64, Ordering::Relaxed);
     }
 
-    /// Records a queued request dropped before generation (timed out or abandoned by its client).
+    /// Records a queued request dropped before or during generation (timed out, or abandoned
+    /// by its client).
     pub fn record_dropped(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
     }
@@ -198,7 +199,7 @@ impl Metrics {
             (
                 "kb_dropped_requests_total",
                 "counter",
-                "Queued requests dropped before generation (timed out or client gone).",
+                "Requests dropped before or during generation (timed out or client gone).",
                 self.dropped.load(Ordering::Relaxed),
             ),
             (

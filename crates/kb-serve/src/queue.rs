@@ -5,8 +5,11 @@
 //! takes jobs off the queue, gathers those with the same generation settings into a batch (up to
 //! `max_batch_size` queries, waiting at most `max_wait` after the first one arrived), runs one
 //! batched generation and answers every job. Jobs whose client gave up or whose deadline passed
-//! are dropped before generation; a panic in generation is caught and answered as an error.
+//! are dropped before generation, and a job whose client goes away (disconnected, or answered
+//! 504 at its deadline) while its batch generates leaves the batch at the next decoding step;
+//! a panic in generation is caught and answered as an error.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -252,6 +255,10 @@ fn run_batch<G: Generate>(backend: &G, jobs: Vec<Job>, max_batch_size: usize, me
         }
     }
     let Some(error) = failure else {
+        // Jobs whose clients went away during generation were left unanswered.
+        for _ in pending.iter().filter(|p| !p.answered) {
+            metrics.record_dropped();
+        }
         return;
     };
     let batched = pending.len() > 1;
@@ -275,7 +282,9 @@ fn run_batch<G: Generate>(backend: &G, jobs: Vec<Job>, max_batch_size: usize, me
 }
 
 /// Generates the rows `chunk` (`(job, row)` pairs into `pending`) as one batch, catching
-/// panics, and answers every job whose last row this produced.
+/// panics, and answers every job whose last row this produced. The rows of a job whose client
+/// went away (its reply channel closed: disconnected or timed out) leave the batch at the next
+/// decoding step.
 fn generate_chunk<G: Generate>(
     backend: &G,
     chunk: &[(usize, usize)],
@@ -293,12 +302,15 @@ fn generate_chunk<G: Generate>(
     }
     let chunk_started = Instant::now();
     let (mut handed, mut tokens) = (0usize, 0usize);
+    // `ready` updates the jobs and `wanted` reads them; generation calls one at a time.
+    let jobs = RefCell::new(&mut *pending);
     let mut ready = |i: usize, out: Output| {
         let Some(&(j, r)) = chunk.get(i) else {
-            return; // not a row of this chunk: ignored, and caught by the count below
+            return; // not a row of this chunk: ignored, and caught by the check below
         };
-        let p = &mut pending[j];
-        if p.outputs[r].is_some() {
+        let mut jobs = jobs.borrow_mut();
+        let p = &mut jobs[j];
+        if p.outputs[r].is_some() || p.answered {
             return;
         }
         handed += 1;
@@ -322,14 +334,28 @@ fn generate_chunk<G: Generate>(
             }));
         }
     };
+    let wanted = |i: usize| {
+        chunk.get(i).is_some_and(|&(j, _)| {
+            let jobs = jobs.borrow();
+            jobs[j].answered || !jobs[j].job.reply.is_closed()
+        })
+    };
     catch_unwind(AssertUnwindSafe(|| {
-        backend.generate(&inputs, params, &mut ready)
+        backend.generate(&inputs, params, &mut ready, &wanted)
     }))
     .map_err(|payload| format!("the inference worker panicked: {}", panic_message(&payload)))??;
     metrics.record_batch(chunk.len(), tokens, chunk_started.elapsed());
-    if handed != chunk.len() {
+    // Every row of a job still waiting must have come back.
+    let missing = chunk
+        .iter()
+        .filter(|&&(j, r)| {
+            let p = &pending[j];
+            !p.answered && p.outputs[r].is_none() && !p.job.reply.is_closed()
+        })
+        .count();
+    if missing > 0 {
         return Err(format!(
-            "generation returned {handed} outputs for {} inputs",
+            "generation returned {handed} outputs for {} inputs ({missing} still awaited)",
             chunk.len()
         ));
     }
@@ -357,6 +383,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         batches: Mutex<Vec<(usize, GenParams)>>,
+        /// First tokens of the rows given up because they were no longer wanted.
+        skipped: Mutex<Vec<u32>>,
         delay: Duration,
         step: Duration,
     }
@@ -367,6 +395,7 @@ mod tests {
             inputs: &[Vec<u32>],
             params: GenParams,
             ready: &mut dyn FnMut(usize, Output),
+            wanted: &dyn Fn(usize) -> bool,
         ) -> Result<(), String> {
             std::thread::sleep(self.delay);
             self.batches.lock().unwrap().push((inputs.len(), params));
@@ -380,6 +409,10 @@ mod tests {
             order.sort_by_key(|&i| inputs[i][1]);
             for i in order {
                 std::thread::sleep(self.step);
+                if !wanted(i) {
+                    self.skipped.lock().unwrap().push(inputs[i][0]);
+                    continue;
+                }
                 ready(
                     i,
                     Output {
@@ -543,6 +576,42 @@ mod tests {
             fast.inference_time,
             slow.inference_time
         );
+    }
+
+    #[test]
+    fn a_request_abandoned_during_generation_leaves_the_batch() {
+        let fake = Fake {
+            step: Duration::from_millis(200),
+            ..Fake::default()
+        };
+        // `stays` finishes first; `gone`'s client leaves before its row is done.
+        let (mut stays, r_stays) = job(4, P);
+        stays.inputs = vec![vec![4, 1]];
+        let (mut gone, r_gone) = job(9, P);
+        gone.inputs = vec![vec![9, 5]];
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_wait: Duration::ZERO,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = Queue::new(10, metrics.clone());
+        queue.submit(stays).unwrap();
+        queue.submit(gone).unwrap();
+        drop(queue);
+        let worker = std::thread::spawn(move || {
+            run_worker(&fake, rx, policy, &AtomicBool::new(false));
+            fake
+        });
+        assert_eq!(answer(r_stays).unwrap().outputs[0].text, "4");
+        drop(r_gone);
+        let fake = worker.join().unwrap();
+        assert_eq!(fake.batches.lock().unwrap().len(), 1, "one batch for both");
+        assert_eq!(
+            *fake.skipped.lock().unwrap(),
+            vec![9],
+            "its row was given up"
+        );
+        assert!(metrics.render(0).contains("kb_dropped_requests_total 1"));
     }
 
     #[test]

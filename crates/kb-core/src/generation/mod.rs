@@ -5,4 +5,4 @@ pub mod processors;
 pub mod search;
 
 pub use config::{EarlyStopping, GenerationConfig};
-pub use search::{generate, generate_each, pad_batch, Generated};
+pub use search::{generate, generate_each, generate_each_while, pad_batch, Generated};

@@ -70,6 +70,21 @@ pub fn generate_each(
     cfg: &GenerationConfig,
     done: &mut dyn FnMut(usize, Generated),
 ) -> Result<()> {
+    generate_each_while(model, inputs, cfg, done, &|_| true)
+}
+
+/// [`generate_each`] that stops working on input `i` once `wanted(i)` turns false (asked after
+/// every decoding step): the input leaves the batch and is never reported — a server drops
+/// the requests whose clients went away. The other inputs' outputs are unchanged (each input's
+/// search is independent of the others'). Every input still wanted at its end is reported
+/// exactly once when this returns `Ok`.
+pub fn generate_each_while(
+    model: &Bart,
+    inputs: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    done: &mut dyn FnMut(usize, Generated),
+    wanted: &dyn Fn(usize) -> bool,
+) -> Result<()> {
     cfg.validate()
         .map_err(|(field, msg)| Error::Invalid(format!("generation setting {field}: {msg}")))?;
     if inputs.is_empty() {
@@ -99,12 +114,12 @@ pub fn generate_each(
     if cfg.num_beams == 1 {
         let mut cache = model.start_decoding(&encoded, Some(&mask))?;
         cache.reserve(cfg.effective_max_length().min(RESERVED_POSITIONS));
-        greedy(model, cache, inputs.len(), cfg, done)
+        greedy(model, cache, inputs.len(), cfg, done, wanted)
     } else {
         // The beams of an input share its encoder output and cross-attention keys/values.
         let mut cache = model.start_decoding_grouped(&encoded, Some(&mask), cfg.num_beams)?;
         cache.reserve(cfg.effective_max_length().min(RESERVED_POSITIONS));
-        beam_search(model, cache, inputs.len(), cfg, done)
+        beam_search(model, cache, inputs.len(), cfg, done, wanted)
     }
 }
 
@@ -121,6 +136,7 @@ fn greedy(
     batch: usize,
     cfg: &GenerationConfig,
     done: &mut dyn FnMut(usize, Generated),
+    wanted: &dyn Fn(usize) -> bool,
 ) -> Result<()> {
     let max_length = cfg.effective_max_length();
     let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
@@ -143,7 +159,7 @@ fn greedy(
             seqs[b].push(next);
             if cfg.eos_token_ids.contains(&next) {
                 done(b, greedy_output(&seqs[b], cfg));
-            } else {
+            } else if wanted(b) {
                 still.push(pos);
             }
         }
@@ -263,6 +279,7 @@ fn beam_search(
     batch: usize,
     cfg: &GenerationConfig,
     done: &mut dyn FnMut(usize, Generated),
+    wanted: &dyn Fn(usize) -> bool,
 ) -> Result<()> {
     let k = cfg.num_beams;
     let max_length = cfg.effective_max_length();
@@ -363,13 +380,14 @@ fn beam_search(
         // depends on it through `all_hit` (true for every input at once: at most `k · eos ids`
         // of the `keep` candidates can be eos, so all hit only at the length limit) and through
         // `all_finished` (stopping earlier because of it changes nothing: the inputs left are
-        // then all settled too).
-        let still: Vec<usize> = (0..active.len())
-            .filter(|&pos| !settled(&states[active[pos]], cfg))
-            .collect();
+        // then all settled too). Inputs no longer wanted leave unreported, exact for the others
+        // by the same argument: an unsettled input keeps the loop going by itself.
+        let mut still = Vec::with_capacity(active.len());
         for (pos, &b) in active.iter().enumerate() {
-            if still.binary_search(&pos).is_err() {
+            if settled(&states[b], cfg) {
                 done(b, beam_output(&states[b]));
+            } else if wanted(b) {
+                still.push(pos);
             }
         }
         if !keep_active(&mut active, &still, &mut cache)? {
