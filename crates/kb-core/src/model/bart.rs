@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use super::kv_cache::SelfAttentionCache;
 use super::layers::{
     additive_causal_mask, additive_padding_mask, dropout, matmul_weight_t, Attention, FeedForward,
-    KeyValues, LayerNorm, Pass,
+    KeyValues, LayerNorm, Pass, WEIGHT_FIRST_MAX_ROWS,
 };
 use super::{cpu_linear, step_attention};
 use crate::config::BartConfig;
@@ -485,8 +485,9 @@ impl Bart {
             candle_nn::Init::Const(0.0),
         )?;
         let (dtype, device) = (vb.dtype(), vb.device().clone());
-        // The builder holds the loaded tensors: dropped first, each original weight is freed as
-        // soon as its prepared copy replaces it, so preparing adds one matrix at a time.
+        // The builder holds the loaded tensors: dropped first, each layer's separate q/k/v
+        // weights are freed as soon as their stacked copy replaces them (one layer's worth of
+        // extra memory at a time while loading).
         drop((vb, enc_vb, dec_vb));
         for layer in &mut encoder.layers {
             layer.self_attn.prepare_inference()?;
@@ -671,7 +672,7 @@ impl Bart {
         let (b, t, d) = hidden.dims3()?;
         let hidden = hidden.reshape((b * t, d))?;
         let vocab = self.config.vocab_size;
-        if !self.lm_head.is_variable() && cpu_linear::applies(&hidden, &self.lm_head) {
+        if self.lm_head_uses_cpu_linear(&hidden)? {
             let mut logits = cpu_linear::linear_to_host(&hidden, &self.lm_head, None)?;
             if !self.logits_bias_is_zero {
                 let bias = self
@@ -736,15 +737,23 @@ impl Bart {
         Ok(x)
     }
 
+    /// Whether the LM head's product for `hidden` `(rows, d_model)` runs through
+    /// [`cpu_linear`] (frozen f32 weights on the CPU, more than [`WEIGHT_FIRST_MAX_ROWS`] rows),
+    /// like the other linear layers.
+    fn lm_head_uses_cpu_linear(&self, hidden: &Tensor) -> Result<bool> {
+        Ok(!self.lm_head.is_variable()
+            && hidden.dim(0)? > WEIGHT_FIRST_MAX_ROWS
+            && cpu_linear::applies(hidden, &self.lm_head))
+    }
+
     fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let hidden = hidden.reshape((b * t, d))?;
-        let mut logits =
-            if !self.lm_head.is_variable() && cpu_linear::applies(&hidden, &self.lm_head) {
-                cpu_linear::linear(&hidden, &self.lm_head, None)?
-            } else {
-                matmul_weight_t(&hidden, &self.lm_head)?
-            };
+        let mut logits = if self.lm_head_uses_cpu_linear(&hidden)? {
+            cpu_linear::linear(&hidden, &self.lm_head, None)?
+        } else {
+            matmul_weight_t(&hidden, &self.lm_head)?
+        };
         if !self.logits_bias_is_zero {
             logits = logits.broadcast_add(&self.final_logits_bias)?;
         }

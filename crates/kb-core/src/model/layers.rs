@@ -39,11 +39,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// For inference with frozen f32 weights on the CPU: stores the weight transposed —
-    /// `(in, out)` contiguous, `weight` becoming an `(out, in)` view of it, so no memory is
-    /// added once the original is dropped — and computes with [`super::cpu_linear`], which
-    /// reads that layout without repacking it. Trainable or non-f32/non-CPU weights are left
-    /// alone.
+    /// For inference with frozen f32 weights on the CPU: products with more than
+    /// [`WEIGHT_FIRST_MAX_ROWS`] rows then run through [`super::cpu_linear`] (fewer rows keep
+    /// candle's weight-first product, faster there). Trainable or non-f32/non-CPU weights are
+    /// left alone.
     pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
         if self.cpu_bias.is_some()
             || self.weight.is_variable()
@@ -51,7 +50,6 @@ impl Linear {
         {
             return Ok(());
         }
-        self.weight = self.weight.t()?.contiguous()?.t()?;
         self.cpu_bias = Some(self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into());
         Ok(())
     }
@@ -77,7 +75,7 @@ impl Module for Linear {
         *out_dims.last_mut().expect("at least one dim") = self.weight.dim(0)?;
         let x2 = x.reshape((rows, features))?;
         if let Some(bias) = &self.cpu_bias {
-            if cpu_linear::applies(&x2, &self.weight) {
+            if rows > WEIGHT_FIRST_MAX_ROWS && cpu_linear::applies(&x2, &self.weight) {
                 return cpu_linear::linear(&x2, &self.weight, Some(bias.clone()))?
                     .reshape(out_dims);
             }
@@ -88,7 +86,7 @@ impl Module for Linear {
 }
 
 /// Rows of `x` up to which [`matmul_weight_t`] computes `(W xᵀ)ᵀ` for frozen weights too.
-const WEIGHT_FIRST_MAX_ROWS: usize = 32;
+pub const WEIGHT_FIRST_MAX_ROWS: usize = 32;
 
 /// `x Wᵀ` for a 2-D `x`, computed as `(W xᵀ)ᵀ` — the same product with the weight as the left
 /// operand — when `W` is a trainable variable or `x` has few rows:
@@ -97,12 +95,12 @@ const WEIGHT_FIRST_MAX_ROWS: usize = 32;
 ///   instead of as a transposed copy that must be added back element by element with strides
 ///   (a full pass over every weight matrix per step); the transposes move to the activations,
 ///   which are far smaller than the weights at fine-tuning batch sizes;
-/// - decoding steps with few rows (one query's beams, a small greedy batch) with frozen weights
-///   that [`Linear::prepare_inference`] leaves to candle (f16/bf16 on the CPU): candle's CPU
+/// - decoding steps with few rows (one query's beams, a small greedy batch): candle's CPU
 ///   matrix multiply runs this form 1.2–2.5× faster alone at BART's shapes for 5–16 rows; at 80
 ///   rows the product alone is still faster but a whole decoding step is ~5% slower (the
 ///   transposed result makes the following bias add and norms strided), and at 240+ rows it is
-///   equal or slower, so it is used up to [`WEIGHT_FIRST_MAX_ROWS`] rows.
+///   equal or slower, so it is used up to [`WEIGHT_FIRST_MAX_ROWS`] rows (above, frozen f32
+///   weights go through [`super::cpu_linear`], see [`Linear::prepare_inference`]).
 pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let few_rows = x.dim(0)? <= WEIGHT_FIRST_MAX_ROWS && matches!(x.device(), Device::Cpu);
     if weight.is_variable() || few_rows {
@@ -374,7 +372,7 @@ impl Attention {
     /// For inference: stacks the q, k and v weights into one `(3·dim, dim)` matrix so that
     /// self-attention projects with one matrix product instead of three (fewer, larger
     /// products: faster on the CPU), the separate projections becoming views of it (no memory
-    /// added), and prepares every projection for the CPU ([`Linear::prepare_inference`]).
+    /// added), and prepares the projections for the CPU ([`Linear::prepare_inference`]).
     /// Trainable weights are left alone.
     pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
         if self.qkv.is_some() || self.q_proj.weight.is_variable() {
