@@ -31,6 +31,9 @@ pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
+#[cfg(test)]
+pub(crate) mod test_support;
+
 pub use candle_core;
 pub use candle_nn;
 pub use config::BartConfig;

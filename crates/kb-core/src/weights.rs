@@ -376,19 +376,7 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    use crate::test_support::max_abs_diff;
 
     #[test]
     fn safetensors_are_read_tensor_by_tensor_exactly_as_candle_reads_them() {
@@ -425,7 +413,7 @@ mod tests {
             let w = &want[name];
             assert_eq!(t.dtype(), w.dtype(), "{name}");
             assert_eq!(t.dims(), w.dims(), "{name}");
-            assert_eq!(max_diff(t, w), 0.0, "{name}");
+            assert_eq!(max_abs_diff(t, w), 0.0, "{name}");
         }
 
         // A truncated file is an error, not a partial read.

@@ -490,10 +490,12 @@ impl Bart {
         // extra memory at a time while loading).
         drop((vb, enc_vb, dec_vb));
         for layer in &mut encoder.layers {
+            layer.self_attn.fuse_projections()?;
             layer.self_attn.prepare_inference()?;
             layer.ffn.prepare_inference()?;
         }
         for layer in &mut decoder.layers {
+            layer.self_attn.fuse_projections()?;
             layer.self_attn.prepare_inference()?;
             layer.encoder_attn.prepare_inference()?;
             layer.ffn.prepare_inference()?;

@@ -195,8 +195,10 @@ fn product(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
 
-    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    /// The largest difference relative to the largest magnitude of `b`.
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         let scale = b
             .abs()
             .unwrap()
@@ -204,15 +206,7 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            / scale
+        max_abs_diff(a, b) / scale as f64
     }
 
     /// Every weight layout the model uses — `(out, in)` row-major, its `(in, out)` transpose

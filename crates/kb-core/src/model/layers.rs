@@ -371,10 +371,9 @@ impl Attention {
 
     /// For inference: stacks the q, k and v weights into one `(3·dim, dim)` matrix so that
     /// self-attention projects with one matrix product instead of three (fewer, larger
-    /// products: faster on the CPU), the separate projections becoming views of it (no memory
-    /// added), and prepares the projections for the CPU ([`Linear::prepare_inference`]).
-    /// Trainable weights are left alone.
-    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
+    /// products: faster on the CPU); the separate projections become views of it, so no memory
+    /// is added. Trainable weights are left alone.
+    pub fn fuse_projections(&mut self) -> candle_core::Result<()> {
         if self.qkv.is_some() || self.q_proj.weight.is_variable() {
             return Ok(());
         }
@@ -391,17 +390,32 @@ impl Attention {
             &[&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias],
             0,
         )?;
-        let mut qkv = Linear {
+        let qkv = Linear {
             weight,
             bias,
             cpu_bias: None,
         };
-        qkv.prepare_inference()?;
         self.q_proj = qkv.narrow_outputs(0, dim)?;
         self.k_proj = qkv.narrow_outputs(dim, dim)?;
         self.v_proj = qkv.narrow_outputs(2 * dim, dim)?;
         self.qkv = Some(qkv);
-        self.out_proj.prepare_inference()
+        Ok(())
+    }
+
+    /// Prepares every projection for inference on the CPU ([`Linear::prepare_inference`]).
+    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
+        if let Some(qkv) = &mut self.qkv {
+            qkv.prepare_inference()?;
+        }
+        for proj in [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ] {
+            proj.prepare_inference()?;
+        }
+        Ok(())
     }
 
     /// Scaled queries `(batch, len, dim)` and the keys/values of `x` `(batch, len, dim)`

@@ -157,6 +157,7 @@ impl CustomOp3 for SingleQueryAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::max_abs_diff;
 
     /// The reference: scores = q·kᵀ + mask, softmax, · v with candle's ops.
     fn reference(
@@ -188,19 +189,6 @@ mod tests {
             .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     #[test]
     fn matches_matmul_softmax_attention_with_groups_masks_and_strided_caches() {
         let dev = Device::Cpu;
@@ -217,10 +205,14 @@ mod tests {
         let mask_t = Tensor::from_vec(mask.clone(), (kv_rows, 1, 1, len), &dev).unwrap();
         let got = attend_single_query(&q, &k, &v, Some(mask.into()), group).unwrap();
         let want = reference(&q, &k, &v, Some(&mask_t), group);
-        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5,
+            "{}",
+            max_abs_diff(&got, &want)
+        );
         let got = attend_single_query(&q, &k, &v, None, group).unwrap();
         let want = reference(&q, &k, &v, None, group);
-        assert!(max_diff(&got, &want) < 1e-5);
+        assert!(max_abs_diff(&got, &want) < 1e-5);
     }
 
     #[test]
