@@ -13,16 +13,46 @@ use candle_nn::VarBuilder;
 use super::kv_cache::SelfAttentionCache;
 use super::layers::{
     additive_causal_mask, additive_padding_mask, dropout, matmul_weight_t, Attention, FeedForward,
-    KeyValues, LayerNorm, Pass, WEIGHT_FIRST_MAX_ROWS,
+    KeyValues, LayerNorm, Pass,
 };
-use super::{cpu_linear, step_attention};
+use super::packed::{self, PackedWeight};
+use super::step_attention;
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
+
+/// A `(vocab, d_model)` matrix: the token embedding table, which is also the LM head when the
+/// embeddings are tied.
+#[derive(Debug, Clone)]
+enum VocabMatrix {
+    /// As loaded (trainable, or not f32 on the CPU).
+    Dense(Tensor),
+    /// Frozen f32 on the CPU, packed for the product kernel (lookups read rows from it).
+    Packed(PackedWeight),
+}
+
+impl VocabMatrix {
+    /// The packed form of a frozen f32 CPU matrix, or the matrix as it is.
+    fn for_inference(m: &Tensor) -> candle_core::Result<Self> {
+        Ok(if !m.is_variable() && packed::applies(m) {
+            VocabMatrix::Packed(PackedWeight::pack(m)?)
+        } else {
+            VocabMatrix::Dense(m.clone())
+        })
+    }
+
+    /// Rows `ids` (flattened), `(ids, d_model)`.
+    fn select_rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            VocabMatrix::Dense(m) => m.index_select(&ids.flatten_all()?, 0),
+            VocabMatrix::Packed(p) => p.select_rows(ids),
+        }
+    }
+}
 
 /// Token and position embeddings, plus the optional `layernorm_embedding`.
 #[derive(Debug, Clone)]
 struct Embeddings {
-    tokens: Tensor,
+    tokens: VocabMatrix,
     positions: Tensor,
     layernorm: Option<LayerNorm>,
     scale: f64,
@@ -45,7 +75,7 @@ impl Embeddings {
             None
         };
         Ok(Self {
-            tokens: shared.clone(),
+            tokens: VocabMatrix::Dense(shared.clone()),
             positions,
             layernorm,
             scale: cfg.embed_scale(),
@@ -64,10 +94,7 @@ impl Embeddings {
                 rows - self.offset
             );
         }
-        let mut x = self
-            .tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, t, ()))?;
+        let mut x = self.tokens.select_rows(ids)?.reshape((b, t, ()))?;
         if self.scale != 1.0 {
             x = (x * self.scale)?;
         }
@@ -427,11 +454,13 @@ pub struct Bart {
     config: BartConfig,
     encoder: Encoder,
     decoder: Decoder,
-    lm_head: Tensor,
+    lm_head: VocabMatrix,
     final_logits_bias: Tensor,
     /// `final_logits_bias` is a constant zero (transformers' default buffer, never trained):
     /// adding it would be a pass over every logit for nothing.
     logits_bias_is_zero: bool,
+    /// `final_logits_bias` as host values, for a packed LM head when it is not zero.
+    host_logits_bias: Option<Arc<[f32]>>,
     dtype: DType,
     device: Device,
 }
@@ -486,9 +515,20 @@ impl Bart {
         )?;
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         // The builder holds the loaded tensors: dropped first, each layer's separate q/k/v
-        // weights are freed as soon as their stacked copy replaces them (one layer's worth of
-        // extra memory at a time while loading).
+        // weights are freed as soon as their stacked copy replaces them, and each loaded weight
+        // as soon as its packed form replaces it (one matrix's worth of extra memory at a time).
         drop((vb, enc_vb, dec_vb));
+        let lm_head = {
+            let tokens = VocabMatrix::for_inference(&shared)?;
+            encoder.embeddings.tokens = tokens.clone();
+            decoder.embeddings.tokens = tokens.clone();
+            if cfg.tie_word_embeddings {
+                tokens
+            } else {
+                VocabMatrix::for_inference(&lm_head)?
+            }
+        };
+        drop(shared);
         for layer in &mut encoder.layers {
             layer.self_attn.fuse_projections()?;
             layer.self_attn.prepare_inference()?;
@@ -507,6 +547,16 @@ impl Bart {
                 .max_all()?
                 .to_scalar::<f32>()?
                 == 0.0;
+        let host_logits_bias = match lm_head {
+            VocabMatrix::Packed(_) if !logits_bias_is_zero => Some(
+                final_logits_bias
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into(),
+            ),
+            _ => None,
+        };
         Ok(Self {
             config: cfg.clone(),
             encoder,
@@ -514,6 +564,7 @@ impl Bart {
             lm_head,
             final_logits_bias,
             logits_bias_is_zero,
+            host_logits_bias,
             dtype,
             device,
         })
@@ -674,18 +725,8 @@ impl Bart {
         let (b, t, d) = hidden.dims3()?;
         let hidden = hidden.reshape((b * t, d))?;
         let vocab = self.config.vocab_size;
-        if self.lm_head_uses_cpu_linear(&hidden)? {
-            let mut logits = cpu_linear::linear_to_host(&hidden, &self.lm_head, None)?;
-            if !self.logits_bias_is_zero {
-                let bias = self
-                    .final_logits_bias
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                for row in logits.chunks_mut(vocab) {
-                    row.iter_mut().zip(&bias).for_each(|(l, b)| *l += b);
-                }
-            }
+        if let VocabMatrix::Packed(lm_head) = &self.lm_head {
+            let logits = lm_head.linear_to_host(&hidden, self.host_logits_bias.as_deref())?;
             return Ok((logits, vocab));
         }
         let logits = self
@@ -739,22 +780,15 @@ impl Bart {
         Ok(x)
     }
 
-    /// Whether the LM head's product for `hidden` `(rows, d_model)` runs through
-    /// [`cpu_linear`] (frozen f32 weights on the CPU, more than [`WEIGHT_FIRST_MAX_ROWS`] rows),
-    /// like the other linear layers.
-    fn lm_head_uses_cpu_linear(&self, hidden: &Tensor) -> Result<bool> {
-        Ok(!self.lm_head.is_variable()
-            && hidden.dim(0)? > WEIGHT_FIRST_MAX_ROWS
-            && cpu_linear::applies(hidden, &self.lm_head))
-    }
-
     fn lm_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, d) = hidden.dims3()?;
         let hidden = hidden.reshape((b * t, d))?;
-        let mut logits = if self.lm_head_uses_cpu_linear(&hidden)? {
-            cpu_linear::linear(&hidden, &self.lm_head, None)?
-        } else {
-            matmul_weight_t(&hidden, &self.lm_head)?
+        let mut logits = match &self.lm_head {
+            VocabMatrix::Packed(lm_head) => {
+                let logits = lm_head.linear(&hidden, self.host_logits_bias.as_deref())?;
+                return Ok(logits.reshape((b, t, ()))?);
+            }
+            VocabMatrix::Dense(lm_head) => matmul_weight_t(&hidden, lm_head)?,
         };
         if !self.logits_bias_is_zero {
             logits = logits.broadcast_add(&self.final_logits_bias)?;

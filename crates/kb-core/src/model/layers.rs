@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
-use super::cpu_linear;
+use super::packed::{self, PackedWeight};
 use crate::config::Activation;
 
 /// Layer-norm epsilon used by every BART layer norm (PyTorch's default).
@@ -21,46 +21,59 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Res
     // Every weight is then set from a checkpoint or by `Trainable::from_scratch`: no random init.
     let weight = vb.get_with_hints((out_dim, in_dim), "weight", candle_nn::Init::Const(0.0))?;
     let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?;
-    Ok(Linear {
-        weight,
-        bias,
-        cpu_bias: None,
-    })
+    Ok(Linear::Dense { weight, bias })
 }
 
 /// `y = x Wᵀ + b` with `W` of shape `(out, in)`, as `torch.nn.Linear`.
 #[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-    /// The bias as host values, set by [`Linear::prepare_inference`]: the layer then computes
-    /// with [`super::cpu_linear`].
-    cpu_bias: Option<Arc<[f32]>>,
+pub enum Linear {
+    /// As loaded: trainable, or weights the packed kernel does not cover (not f32 on the CPU).
+    Dense {
+        /// `(out, in)`.
+        weight: Tensor,
+        /// `out` values.
+        bias: Tensor,
+    },
+    /// Frozen f32 weights on the CPU in the kernel's layout (see [`Linear::prepare_inference`]).
+    Packed {
+        /// `W`, packed.
+        weight: PackedWeight,
+        /// The bias as host values.
+        bias: Arc<[f32]>,
+    },
 }
 
 impl Linear {
-    /// For inference with frozen f32 weights on the CPU: products with more than
-    /// [`WEIGHT_FIRST_MAX_ROWS`] rows then run through [`super::cpu_linear`] (fewer rows keep
-    /// candle's weight-first product, faster there). Trainable or non-f32/non-CPU weights are
-    /// left alone.
+    /// For inference with frozen f32 weights on the CPU: the weight is replaced by its packed
+    /// form ([`PackedWeight`]: no second copy), which every later product uses. Trainable or
+    /// non-f32/non-CPU weights are left alone.
     pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
-        if self.cpu_bias.is_some()
-            || self.weight.is_variable()
-            || !cpu_linear::applies(&self.weight, &self.weight)
-        {
+        let Linear::Dense { weight, bias } = self else {
+            return Ok(());
+        };
+        if weight.is_variable() || !packed::applies(weight) {
             return Ok(());
         }
-        self.cpu_bias = Some(self.bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into());
+        let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into();
+        *self = Linear::Packed {
+            weight: PackedWeight::pack(weight)?,
+            bias,
+        };
         Ok(())
     }
 
     /// Output features `[from, from + len)` as a layer of their own (a view: no copy of the
     /// weight).
     fn narrow_outputs(&self, from: usize, len: usize) -> candle_core::Result<Linear> {
-        Ok(Linear {
-            weight: self.weight.narrow(0, from, len)?,
-            bias: self.bias.narrow(0, from, len)?,
-            cpu_bias: self.cpu_bias.as_ref().map(|b| b[from..from + len].into()),
+        Ok(match self {
+            Linear::Dense { weight, bias } => Linear::Dense {
+                weight: weight.narrow(0, from, len)?,
+                bias: bias.narrow(0, from, len)?,
+            },
+            Linear::Packed { weight, bias } => Linear::Packed {
+                weight: weight.narrow_outputs(from, len)?,
+                bias: bias[from..from + len].into(),
+            },
         })
     }
 }
@@ -71,17 +84,14 @@ impl Module for Linear {
             [.., n] => (x.elem_count() / n, *n),
             [] => candle_core::bail!("linear layer applied to a scalar"),
         };
-        let mut out_dims = x.dims().to_vec();
-        *out_dims.last_mut().expect("at least one dim") = self.weight.dim(0)?;
         let x2 = x.reshape((rows, features))?;
-        if let Some(bias) = &self.cpu_bias {
-            if rows > WEIGHT_FIRST_MAX_ROWS && cpu_linear::applies(&x2, &self.weight) {
-                return cpu_linear::linear(&x2, &self.weight, Some(bias.clone()))?
-                    .reshape(out_dims);
-            }
-        }
-        let y = matmul_weight_t(&x2, &self.weight)?;
-        y.broadcast_add(&self.bias)?.reshape(out_dims)
+        let y = match self {
+            Linear::Packed { weight, bias } => weight.linear(&x2, Some(bias))?,
+            Linear::Dense { weight, bias } => matmul_weight_t(&x2, weight)?.broadcast_add(bias)?,
+        };
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("at least one dim") = y.dim(1)?;
+        y.reshape(out_dims)
     }
 }
 
@@ -99,8 +109,9 @@ pub const WEIGHT_FIRST_MAX_ROWS: usize = 32;
 ///   matrix multiply runs this form 1.2–2.5× faster alone at BART's shapes for 5–16 rows; at 80
 ///   rows the product alone is still faster but a whole decoding step is ~5% slower (the
 ///   transposed result makes the following bias add and norms strided), and at 240+ rows it is
-///   equal or slower, so it is used up to [`WEIGHT_FIRST_MAX_ROWS`] rows (above, frozen f32
-///   weights go through [`super::cpu_linear`], see [`Linear::prepare_inference`]).
+///   equal or slower, so it is used up to [`WEIGHT_FIRST_MAX_ROWS`] rows. (Frozen f32 weights
+///   on the CPU do not come here at all: they are packed, see [`Linear::prepare_inference`];
+///   this matters for f16/bf16 inference on the CPU.)
 pub fn matmul_weight_t(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
     let few_rows = x.dim(0)? <= WEIGHT_FIRST_MAX_ROWS && matches!(x.device(), Device::Cpu);
     if weight.is_variable() || few_rows {
@@ -374,26 +385,30 @@ impl Attention {
     /// products: faster on the CPU); the separate projections become views of it, so no memory
     /// is added. Trainable weights are left alone.
     pub fn fuse_projections(&mut self) -> candle_core::Result<()> {
-        if self.qkv.is_some() || self.q_proj.weight.is_variable() {
+        let (
+            Linear::Dense {
+                weight: q,
+                bias: qb,
+            },
+            Linear::Dense {
+                weight: k,
+                bias: kb,
+            },
+            Linear::Dense {
+                weight: v,
+                bias: vb,
+            },
+        ) = (&self.q_proj, &self.k_proj, &self.v_proj)
+        else {
+            return Ok(());
+        };
+        if self.qkv.is_some() || q.is_variable() {
             return Ok(());
         }
-        let dim = self.q_proj.weight.dim(0)?;
-        let weight = Tensor::cat(
-            &[
-                &self.q_proj.weight,
-                &self.k_proj.weight,
-                &self.v_proj.weight,
-            ],
-            0,
-        )?;
-        let bias = Tensor::cat(
-            &[&self.q_proj.bias, &self.k_proj.bias, &self.v_proj.bias],
-            0,
-        )?;
-        let qkv = Linear {
-            weight,
-            bias,
-            cpu_bias: None,
+        let dim = q.dim(0)?;
+        let qkv = Linear::Dense {
+            weight: Tensor::cat(&[q, k, v], 0)?,
+            bias: Tensor::cat(&[qb, kb, vb], 0)?,
         };
         self.q_proj = qkv.narrow_outputs(0, dim)?;
         self.k_proj = qkv.narrow_outputs(dim, dim)?;
@@ -403,19 +418,22 @@ impl Attention {
     }
 
     /// Prepares every projection for inference on the CPU ([`Linear::prepare_inference`]).
+    /// Stacked q/k/v projections are packed once and the separate ones become views of it.
     pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
         if let Some(qkv) = &mut self.qkv {
             qkv.prepare_inference()?;
+            if matches!(qkv, Linear::Packed { .. }) {
+                let dim = self.heads * self.head_dim;
+                self.q_proj = qkv.narrow_outputs(0, dim)?;
+                self.k_proj = qkv.narrow_outputs(dim, dim)?;
+                self.v_proj = qkv.narrow_outputs(2 * dim, dim)?;
+            }
+        } else {
+            for proj in [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj] {
+                proj.prepare_inference()?;
+            }
         }
-        for proj in [
-            &mut self.q_proj,
-            &mut self.k_proj,
-            &mut self.v_proj,
-            &mut self.out_proj,
-        ] {
-            proj.prepare_inference()?;
-        }
-        Ok(())
+        self.out_proj.prepare_inference()
     }
 
     /// Scaled queries `(batch, len, dim)` and the keys/values of `x` `(batch, len, dim)`

@@ -1,9 +1,9 @@
 //! The BART network on candle.
 
 mod bart;
-pub mod cpu_linear;
 pub mod kv_cache;
 pub mod layers;
+pub mod packed;
 pub mod step_attention;
 
 pub use bart::{Bart, DecoderCache};
