@@ -38,7 +38,7 @@ pub const TILE_ROWS: usize = 6;
 /// shares the data; [`PackedWeight::narrow_outputs`] views a range of panels without a copy.
 #[derive(Clone)]
 pub struct PackedWeight {
-    data: Arc<[f32]>,
+    data: Arc<Vec<f32>>,
     /// First panel of this view in `data`.
     first_panel: usize,
     outputs: usize,
@@ -59,11 +59,6 @@ pub fn applies(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
-/// The f32 values of `t` (made contiguous), row-major.
-fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
-}
-
 /// Runs `f` on the f32 values of a contiguous CPU tensor without copying them.
 fn with_contiguous_f32<R>(
     t: &Tensor,
@@ -75,7 +70,7 @@ fn with_contiguous_f32<R>(
         Storage::Cpu(CpuStorage::F32(data)) => {
             f(&data[layout.start_offset()..][..layout.shape().elem_count()])
         }
-        _ => candle_core::bail!("packed weight: expected an f32 tensor on the CPU"),
+        _ => candle_core::bail!("packed linear: expected an f32 tensor on the CPU"),
     }
 }
 
@@ -90,7 +85,21 @@ impl PackedWeight {
             );
         }
         let (outputs, inputs) = weight.dims2()?;
-        let dense = host_values(weight)?;
+        // Read in place when the weight is contiguous (the loaded case): no transient copy of
+        // a matrix as large as the 30000-token embedding.
+        let data = with_contiguous_f32(weight, |dense| {
+            Ok(Self::panels_from(dense, outputs, inputs))
+        })?;
+        Ok(Self {
+            data: Arc::new(data), // no copy (a `Vec` into `Arc<[f32]>` would reallocate)
+            first_panel: 0,
+            outputs,
+            inputs,
+        })
+    }
+
+    /// The panels of the row-major `(outputs, inputs)` matrix `dense`.
+    fn panels_from(dense: &[f32], outputs: usize, inputs: usize) -> Vec<f32> {
         let panels = outputs.div_ceil(PANEL);
         let mut data = vec![0f32; panels * inputs * PANEL];
         data.par_chunks_mut(inputs * PANEL)
@@ -103,12 +112,7 @@ impl PackedWeight {
                     }
                 }
             });
-        Ok(Self {
-            data: data.into(),
-            first_panel: 0,
-            outputs,
-            inputs,
-        })
+        data
     }
 
     /// Output features (rows of `W`).
