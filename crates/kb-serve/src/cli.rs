@@ -72,7 +72,8 @@ pub struct Args {
           default_value_t = 16, value_parser = positive)]
     pub max_batch_size: usize,
 
-    /// How long the batcher waits for more requests after the first one of a batch arrived (ms).
+    /// How long the batcher waits for more requests after the first one of a batch arrived, or
+    /// after the previous batch finished if that is later (ms).
     #[arg(
         long = "max_wait_ms",
         alias = "max-wait-ms",

@@ -3,8 +3,8 @@
 //! HTTP handlers [`Queue::submit`] a [`Job`] (already tokenized) and await its oneshot reply; they
 //! never touch the model. One inference worker — a dedicated OS thread running [`run_worker`] —
 //! takes jobs off the queue, gathers those with the same generation settings into a batch (up to
-//! `max_batch_size` queries, waiting at most `max_wait` after the first one arrived), runs one
-//! batched generation and answers every job. Jobs whose client gave up or whose deadline passed
+//! `max_batch_size` queries, waiting at most `max_wait` after the first one arrived or after
+//! the previous batch finished), runs one batched generation and answers every job. Jobs whose client gave up or whose deadline passed
 //! are dropped before generation, and a job whose client goes away (disconnected, or answered
 //! 504 at its deadline) while its batch generates leaves the batch at the next decoding step;
 //! a panic in generation is caught and answered as an error.
@@ -138,6 +138,8 @@ pub fn run_worker<G: Generate>(
 ) {
     let QueueReceiver { rx, metrics } = queue;
     let mut backlog: VecDeque<Job> = VecDeque::new();
+    // When the worker last finished a batch: the batching window opens no earlier.
+    let mut free_since = Instant::now();
     loop {
         if backlog.is_empty() {
             match rx.recv_timeout(IDLE_POLL) {
@@ -151,18 +153,32 @@ pub fn run_worker<G: Generate>(
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
-        let batch = gather(&rx, &mut backlog, policy);
+        let batch = gather(&rx, &mut backlog, policy, free_since);
         metrics.queue_depth.fetch_sub(batch.len(), Ordering::AcqRel);
         run_batch(backend, batch, policy.max_batch_size, &metrics);
+        free_since = Instant::now();
     }
 }
 
 /// Takes the jobs for the next batch: those sharing the oldest job's settings, up to
-/// `max_batch_size` queries, waiting until `max_wait` after the oldest job's submission for more.
-/// Jobs with other settings stay in `backlog` for later batches, in order.
-fn gather(rx: &mpsc::Receiver<Job>, backlog: &mut VecDeque<Job>, policy: BatchPolicy) -> Vec<Job> {
+/// `max_batch_size` queries, waiting for more until `max_wait` after the oldest job's submission
+/// or after the worker became free (`free_since`), whichever is later. Jobs with other settings
+/// stay in `backlog` for later batches, in order.
+///
+/// The window counts from the end of the previous batch too: a job that arrived during a batch
+/// (its window long past) would otherwise start a batch of its own the moment the worker is
+/// free — just before the clients answered by that batch send their next requests, which then
+/// wait a whole generation behind it. Under steady load that splits every batch in two (seen in
+/// the load benchmark as alternating batches of 15 and 1); waiting `max_wait` once more lets them
+/// join.
+fn gather(
+    rx: &mpsc::Receiver<Job>,
+    backlog: &mut VecDeque<Job>,
+    policy: BatchPolicy,
+    free_since: Instant,
+) -> Vec<Job> {
     let key = backlog[0].params;
-    let deadline = backlog[0].enqueued + policy.max_wait;
+    let deadline = backlog[0].enqueued.max(free_since) + policy.max_wait;
     let queued = |backlog: &VecDeque<Job>| -> usize {
         backlog
             .iter()
@@ -660,6 +676,42 @@ mod tests {
             shutdown.store(true, Ordering::Release);
         });
         drop(queue);
+    }
+
+    #[test]
+    fn a_job_that_waited_through_a_batch_still_waits_for_newcomers() {
+        let fake = Fake {
+            delay: Duration::from_millis(800),
+            ..Fake::default()
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (queue, rx) = Queue::new(100, metrics);
+        let policy = BatchPolicy {
+            max_batch_size: 8,
+            max_wait: Duration::from_millis(300),
+        };
+        let shutdown = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let worker = s.spawn(|| run_worker(&fake, rx, policy, &shutdown));
+            // `a` runs alone (its window closes at 300 ms); `b` arrives while it generates and
+            // its own window is over when `a` is done (at ~1100 ms); `c` comes right after `a`'s
+            // answer, as a client answered by that batch would.
+            let (a, ra) = job(1, P);
+            queue.submit(a).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+            let (b, rb) = job(2, P);
+            queue.submit(b).unwrap();
+            assert_eq!(answer(ra).unwrap().batch_size, 1);
+            let (c, rc) = job(3, P);
+            queue.submit(c).unwrap();
+            assert_eq!(answer(rb).unwrap().batch_size, 2, "b waited for c");
+            assert_eq!(answer(rc).unwrap().batch_size, 2);
+            shutdown.store(true, Ordering::Release);
+            drop(queue);
+            worker.join().unwrap();
+        });
+        let sizes: Vec<usize> = fake.batches.lock().unwrap().iter().map(|b| b.0).collect();
+        assert_eq!(sizes, vec![1, 2]);
     }
 
     #[test]
