@@ -12,8 +12,9 @@
 //! KoBART's weights per step on top of the product — measured at 14–17% of a 16-query decoding
 //! step, and the main cost with a few rows. Packed once at load, the weights are read straight
 //! from memory in order (the hardware prefetcher's best case) by the kernel. Measured on 2 Zen 4
-//! cores, one decoder step's products (six layers and the LM head) at 80 rows: 78 ms vs 100 ms
-//! split over `gemm` calls; at 5 rows: 17 ms vs 32 ms for candle's product.
+//! cores, one decoder step's products (six layers and the LM head, cache-cold) at 80 rows:
+//! 68–78 ms vs ~100 ms split over `gemm` calls; at 5 rows: 14–17 ms vs 31–32 ms for candle's
+//! product.
 //!
 //! The packed matrix replaces the loaded one (same size, no second copy). Rows of it can be
 //! read back ([`PackedWeight::select_rows`]), so the token embedding that doubles as the LM head
