@@ -418,12 +418,17 @@ impl Attention {
     }
 
     /// Prepares every projection for inference on the CPU ([`Linear::prepare_inference`]).
-    /// Stacked q/k/v projections are packed once and the separate ones become views of it.
+    /// Stacked q/k/v projections are packed once and the separate ones become views of it; when
+    /// the width is not a whole number of packed panels (views need whole panels), the stack is
+    /// given up and q, k and v are packed separately.
     pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
+        let dim = self.heads * self.head_dim;
+        if !dim.is_multiple_of(packed::PANEL) {
+            self.qkv = None;
+        }
         if let Some(qkv) = &mut self.qkv {
             qkv.prepare_inference()?;
             if matches!(qkv, Linear::Packed { .. }) {
-                let dim = self.heads * self.head_dim;
                 self.q_proj = qkv.narrow_outputs(0, dim)?;
                 self.k_proj = qkv.narrow_outputs(dim, dim)?;
                 self.v_proj = qkv.narrow_outputs(2 * dim, dim)?;
@@ -561,5 +566,51 @@ impl FeedForward {
         let h = activate(&self.fc1.forward(x)?, self.activation)?;
         let h = dropout(&h, self.activation_dropout, pass)?;
         self.fc2.forward(&h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::test_support::max_abs_diff;
+
+    /// Self-attention with random weights of width `dim`, as loaded (frozen tensors).
+    fn attention(dim: usize, heads: usize) -> Attention {
+        let dev = Device::Cpu;
+        let mut tensors = HashMap::new();
+        for name in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            let w = Tensor::randn(0f32, 0.3, (dim, dim), &dev).unwrap();
+            let b = Tensor::randn(0f32, 0.3, dim, &dev).unwrap();
+            tensors.insert(format!("{name}.weight"), w);
+            tensors.insert(format!("{name}.bias"), b);
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        Attention::load(dim, heads, 0.0, vb).unwrap()
+    }
+
+    /// Stacking and packing the projections changes no result, for widths that are and are
+    /// not whole packed panels.
+    #[test]
+    fn prepared_attention_matches_the_loaded_one() {
+        for (dim, heads) in [(32, 4), (24, 3)] {
+            let loaded = attention(dim, heads);
+            let mut prepared = loaded.clone();
+            prepared.fuse_projections().unwrap();
+            prepared.prepare_inference().unwrap();
+            assert!(matches!(prepared.out_proj, Linear::Packed { .. }));
+            assert!(matches!(prepared.q_proj, Linear::Packed { .. }));
+            assert_eq!(prepared.qkv.is_some(), dim % packed::PANEL == 0);
+            let x = Tensor::randn(0f32, 1.0, (2, 5, dim), &Device::Cpu).unwrap();
+            let (q0, kv0) = loaded.self_projections(&x).unwrap();
+            let (q1, kv1) = prepared.self_projections(&x).unwrap();
+            assert!(max_abs_diff(&q0, &q1) < 1e-5, "dim {dim}");
+            assert!(max_abs_diff(&kv0.keys, &kv1.keys) < 1e-5);
+            assert!(max_abs_diff(&kv0.values, &kv1.values) < 1e-5);
+            let a0 = loaded.attend(&x, &kv0, None, Pass::Inference).unwrap();
+            let a1 = prepared.attend(&x, &kv1, None, Pass::Inference).unwrap();
+            assert!(max_abs_diff(&a0, &a1) < 1e-5, "dim {dim}");
+        }
     }
 }
