@@ -15,7 +15,7 @@ use super::layers::{
     additive_causal_mask, additive_padding_mask, dropout, matmul_weight_t, Attention, FeedForward,
     KeyValues, LayerNorm, Pass,
 };
-use super::packed::{self, PackedWeight};
+use super::packed::PackedWeight;
 use super::step_attention;
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
@@ -33,10 +33,9 @@ enum VocabMatrix {
 impl VocabMatrix {
     /// The packed form of a frozen f32 CPU matrix, or the matrix as it is.
     fn for_inference(m: &Tensor) -> candle_core::Result<Self> {
-        Ok(if !m.is_variable() && packed::applies(m) {
-            VocabMatrix::Packed(PackedWeight::pack(m)?)
-        } else {
-            VocabMatrix::Dense(m.clone())
+        Ok(match PackedWeight::pack_frozen(m)? {
+            Some(p) => VocabMatrix::Packed(p),
+            None => VocabMatrix::Dense(m.clone()),
         })
     }
 
@@ -722,15 +721,15 @@ impl Bart {
         cache: &mut DecoderCache,
     ) -> Result<(Vec<f32>, usize)> {
         let hidden = self.decode_step_hidden(ids, cache)?;
-        let (b, t, d) = hidden.dims3()?;
-        let hidden = hidden.reshape((b * t, d))?;
         let vocab = self.config.vocab_size;
         if let VocabMatrix::Packed(lm_head) = &self.lm_head {
+            let (b, t, d) = hidden.dims3()?;
+            let hidden = hidden.reshape((b * t, d))?;
             let logits = lm_head.linear_to_host(&hidden, self.host_logits_bias.as_deref())?;
             return Ok((logits, vocab));
         }
         let logits = self
-            .lm_logits(&hidden.reshape((b, t, d))?)?
+            .lm_logits(&hidden)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;

@@ -51,14 +51,11 @@ impl Linear {
         let Linear::Dense { weight, bias } = self else {
             return Ok(());
         };
-        if weight.is_variable() || !packed::applies(weight) {
+        let Some(weight) = PackedWeight::pack_frozen(weight)? else {
             return Ok(());
-        }
-        let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into();
-        *self = Linear::Packed {
-            weight: PackedWeight::pack(weight)?,
-            bias,
         };
+        let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into();
+        *self = Linear::Packed { weight, bias };
         Ok(())
     }
 

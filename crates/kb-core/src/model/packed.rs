@@ -56,7 +56,7 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 /// Whether `t` can be packed or multiplied by a packed weight: f32 on the CPU.
-pub fn applies(t: &Tensor) -> bool {
+fn applies(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
@@ -97,6 +97,15 @@ impl PackedWeight {
             outputs,
             inputs,
         })
+    }
+
+    /// The packed form of `weight` when it is frozen f32 on the CPU — what inference packs —
+    /// and `None` for a trainable variable or another dtype or device.
+    pub fn pack_frozen(weight: &Tensor) -> candle_core::Result<Option<Self>> {
+        if weight.is_variable() || !applies(weight) {
+            return Ok(None);
+        }
+        Self::pack(weight).map(Some)
     }
 
     /// The panels of the row-major `(outputs, inputs)` matrix `dense`.
