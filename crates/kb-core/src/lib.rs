@@ -29,6 +29,7 @@ pub mod synonyms;
 pub mod threads;
 pub mod tokenizer;
 pub mod train;
+pub mod vector_math;
 pub mod weights;
 
 #[cfg(test)]

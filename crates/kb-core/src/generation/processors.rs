@@ -55,12 +55,10 @@ pub fn ban_repeated_ngrams(scores: &mut [f32], tokens: &[u32], n: usize) {
     }
 }
 
-/// In-place log-softmax of one row, in f32 like transformers' `log_softmax` on float32 logits.
+/// In-place log-softmax of one row, in f32 like transformers' `log_softmax` on float32 logits
+/// (vectorised: [`crate::vector_math::log_softmax_in_place`]).
 pub fn log_softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
-    let log_sum = sum.ln();
-    row.iter_mut().for_each(|x| *x = *x - max - log_sum);
+    crate::vector_math::log_softmax_in_place(row)
 }
 
 #[cfg(test)]

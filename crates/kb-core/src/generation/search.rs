@@ -241,17 +241,29 @@ fn push_top_k(best: &mut Vec<(f32, usize)>, scores: &[f32], offset: f32, base: u
     if k == 0 {
         return;
     }
-    // The row's own best k first (most of the row is rejected by one comparison).
+    // The row's own best k first. Once k are kept, a block of scores whose largest is below
+    // the k-th best is skipped whole (most of the row: one vectorisable maximum per block).
+    const BLOCK: usize = 32;
     let mut row: Vec<(f32, usize)> = Vec::with_capacity(k + 1);
-    for (i, &v) in scores.iter().enumerate() {
-        let key = rank_key(v + offset);
-        // The same total order as `rank` (so -0.0 ranks below 0.0, as in `top_k`).
-        if row.len() == k && key.total_cmp(&row[k - 1].0).is_le() {
-            continue;
+    for (b, block) in scores.chunks(BLOCK).enumerate() {
+        if row.len() == k {
+            let max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            // Every `v + offset` is then below the k-th key (rounding is monotonic; NaN ranks
+            // as -inf, never above it).
+            if max + offset < row[k - 1].0 {
+                continue;
+            }
         }
-        let at = row.partition_point(|e| e.0.total_cmp(&key).is_ge());
-        row.insert(at, (key, base + i));
-        row.truncate(k);
+        for (i, &v) in block.iter().enumerate() {
+            let key = rank_key(v + offset);
+            // The same total order as `rank` (so -0.0 ranks below 0.0, as in `top_k`).
+            if row.len() == k && key.total_cmp(&row[k - 1].0).is_le() {
+                continue;
+            }
+            let at = row.partition_point(|e| e.0.total_cmp(&key).is_ge());
+            row.insert(at, (key, base + b * BLOCK + i));
+            row.truncate(k);
+        }
     }
     best.extend(row);
     best.sort_by(rank);
@@ -546,6 +558,36 @@ mod tests {
                 assert_eq!(a.1, b.1, "k={k}: {best:?} vs {want:?}");
                 assert!(a.0 == b.0 || (a.0.is_infinite() && b.0.is_infinite()));
             }
+        }
+    }
+
+    #[test]
+    fn block_skipping_keeps_top_k_exact_on_long_rows() {
+        // Rows longer than a block: repeated values (ties across blocks), -0.0/0.0, NaN and
+        // -inf, the best values late in the row, offsets of both signs.
+        let rows: Vec<Vec<f32>> = (0..3)
+            .map(|j| {
+                (0..1000)
+                    .map(|i| match (i * 7 + j * 13) % 97 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        2 => -0.0,
+                        3 => 0.0,
+                        m => (m as f32 - 48.0) / 8.0 + if i > 900 { 1.0 } else { 0.0 },
+                    })
+                    .collect()
+            })
+            .collect();
+        let offsets = [0.0f32, -3.5, 2.25];
+        for k in [1, 2, 10, 33, 100] {
+            let mut best = Vec::new();
+            let mut all = Vec::new();
+            for (j, (row, off)) in rows.iter().zip(offsets).enumerate() {
+                push_top_k(&mut best, row, off, j * row.len(), k);
+                all.extend(row.iter().map(|v| v + off));
+            }
+            let want = top_k(&all, k);
+            assert_eq!(best, want, "k={k}");
         }
     }
 

@@ -160,12 +160,10 @@ impl EncoderLayer {
         } else {
             let (q, kv) = self.self_attn.self_projections(x)?;
             let h = self.self_attn.attend_query(&q, &kv, mask, pass)?;
-            let x = self
-                .self_attn_layer_norm
-                .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)?;
-            let h = self.ffn.forward(&x, pass)?;
-            self.final_layer_norm
-                .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)
+            let h = dropout(&h, self.dropout, pass)?;
+            let x = self.self_attn_layer_norm.forward_residual(x, &h, pass)?;
+            let h = dropout(&self.ffn.forward(&x, pass)?, self.dropout, pass)?;
+            self.final_layer_norm.forward_residual(&x, &h, pass)
         }
     }
 }
@@ -287,11 +285,11 @@ impl DecoderLayer {
                 }
             }
         };
-        let x = (x + dropout(&h, self.dropout, pass)?)?;
+        let h = dropout(&h, self.dropout, pass)?;
         if self.pre_ln {
-            Ok(x)
+            x + h
         } else {
-            self.self_attn_layer_norm.forward(&x, pass)
+            self.self_attn_layer_norm.forward_residual(x, &h, pass)
         }
     }
 
@@ -346,12 +344,11 @@ impl DecoderLayer {
             return x + dropout(&h, self.dropout, pass)?;
         } else {
             let h = self.cross_attend(x, cross_kv, encoder_mask, group, pass)?;
-            self.encoder_attn_layer_norm
-                .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)?
+            let h = dropout(&h, self.dropout, pass)?;
+            self.encoder_attn_layer_norm.forward_residual(x, &h, pass)?
         };
-        let h = self.ffn.forward(&x, pass)?;
-        self.final_layer_norm
-            .forward(&(x + dropout(&h, self.dropout, pass)?)?, pass)
+        let h = dropout(&self.ffn.forward(&x, pass)?, self.dropout, pass)?;
+        self.final_layer_norm.forward_residual(&x, &h, pass)
     }
 }
 

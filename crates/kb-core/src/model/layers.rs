@@ -75,6 +75,31 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `act(x Wᵀ + b)`. With packed weights the GELU of BART's feed-forward layers runs inside
+    /// the product, on each block of outputs while it is in cache
+    /// ([`crate::vector_math::gelu`]); otherwise the activation follows the product.
+    pub fn forward_activated(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        match (self, act) {
+            (Linear::Packed { weight, bias }, Activation::Gelu) => {
+                let (rows, features) = match x.dims() {
+                    [.., n] => (x.elem_count() / n, *n),
+                    [] => candle_core::bail!("linear layer applied to a scalar"),
+                };
+                let y = weight.linear_then(
+                    &x.reshape((rows, features))?,
+                    Some(bias),
+                    Some(crate::vector_math::gelu_in_place),
+                )?;
+                let mut out_dims = x.dims().to_vec();
+                *out_dims.last_mut().expect("at least one dim") = y.dim(1)?;
+                y.reshape(out_dims)
+            }
+            _ => activate(&self.forward(x)?, act),
+        }
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (rows, features) = match x.dims() {
@@ -141,6 +166,62 @@ impl LayerNorm {
             candle_nn::ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS as f32)
         }
     }
+}
+
+impl LayerNorm {
+    /// `LayerNorm(x + h)`: the residual connection and the norm after it (post-LN BART). At
+    /// inference on contiguous f32 CPU tensors, one pass over each row
+    /// ([`crate::vector_math::add_layer_norm_rows`]) instead of an element-wise add and a norm.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        h: &Tensor,
+        pass: Pass<'_>,
+    ) -> candle_core::Result<Tensor> {
+        let fused = !pass.differentiable()
+            && x.shape() == h.shape()
+            && [x, h, &self.weight, &self.bias]
+                .iter()
+                .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous());
+        if !fused {
+            return self.forward(&(x + h)?, pass);
+        }
+        let dim = self.weight.elem_count();
+        let rows = x.elem_count() / dim.max(1);
+        let mut out = vec![0f32; rows * dim];
+        with_f32_slices([x, h, &self.weight, &self.bias], |[x, h, weight, bias]| {
+            let norm = crate::vector_math::NormParams {
+                weight,
+                bias,
+                eps: LAYER_NORM_EPS as f32,
+            };
+            // Blocks of rows: one block per thread only when there is enough work.
+            let block = dim * rows.div_ceil(rayon::current_num_threads()).max(64);
+            use rayon::prelude::*;
+            out.par_chunks_mut(block)
+                .zip(x.par_chunks(block).zip(h.par_chunks(block)))
+                .for_each(|(out, (x, h))| crate::vector_math::add_layer_norm_rows(x, h, norm, out));
+        })?;
+        Tensor::from_vec(out, x.shape(), x.device())
+    }
+}
+
+/// Runs `f` on the values of contiguous f32 CPU tensors, without copies.
+fn with_f32_slices<const N: usize, R>(
+    tensors: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> candle_core::Result<R> {
+    let guards = tensors.map(|t| t.storage_and_layout());
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        match (&**storage, layout.contiguous_offsets()) {
+            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) => {
+                *slot = &data[a..b]
+            }
+            _ => candle_core::bail!("expected contiguous f32 tensors on the CPU"),
+        }
+    }
+    Ok(f(slices))
 }
 
 /// Applies an activation function.
@@ -560,7 +641,7 @@ impl FeedForward {
 
     /// Applies the block.
     pub fn forward(&self, x: &Tensor, pass: Pass<'_>) -> candle_core::Result<Tensor> {
-        let h = activate(&self.fc1.forward(x)?, self.activation)?;
+        let h = self.fc1.forward_activated(x, self.activation)?;
         let h = dropout(&h, self.activation_dropout, pass)?;
         self.fc2.forward(&h)
     }

@@ -180,8 +180,20 @@ impl PackedWeight {
 
     /// `x Wᵀ (+ bias)` for `x` `(rows, inputs)` (f32 on the CPU): `(rows, outputs)`.
     pub fn linear(&self, x: &Tensor, bias: Option<&[f32]>) -> candle_core::Result<Tensor> {
+        self.linear_then(x, bias, None)
+    }
+
+    /// [`PackedWeight::linear`] followed by `epilogue` on the outputs (e.g. the activation of a
+    /// feed-forward layer), applied to each block of results while it is still in cache, on
+    /// the threads that computed it. `epilogue` must act element by element.
+    pub fn linear_then(
+        &self,
+        x: &Tensor,
+        bias: Option<&[f32]>,
+        epilogue: Option<Epilogue>,
+    ) -> candle_core::Result<Tensor> {
         let rows = x.dim(0)?;
-        let y = self.linear_to_host(x, bias)?;
+        let y = self.host_product(x, bias, epilogue)?;
         Tensor::from_vec(y, (rows, self.outputs), &Device::Cpu)
     }
 
@@ -191,6 +203,15 @@ impl PackedWeight {
         &self,
         x: &Tensor,
         bias: Option<&[f32]>,
+    ) -> candle_core::Result<Vec<f32>> {
+        self.host_product(x, bias, None)
+    }
+
+    fn host_product(
+        &self,
+        x: &Tensor,
+        bias: Option<&[f32]>,
+        epilogue: Option<Epilogue>,
     ) -> candle_core::Result<Vec<f32>> {
         let (rows, inputs) = x.dims2()?;
         if inputs != self.inputs {
@@ -210,11 +231,19 @@ impl PackedWeight {
                 );
             }
         }
-        with_contiguous_f32(x, |x| Ok(self.product(x, rows, bias, kernel())))
+        with_contiguous_f32(x, |x| Ok(self.product(x, rows, bias, kernel(), epilogue)))
     }
 
-    /// `x Wᵀ (+ bias)` with the given tile kernel; `x` holds `rows × inputs` values.
-    fn product(&self, x: &[f32], rows: usize, bias: Option<&[f32]>, kernel: Kernel) -> Vec<f32> {
+    /// `x Wᵀ (+ bias)`, then `epilogue`, with the given tile kernel; `x` holds `rows × inputs`
+    /// values.
+    fn product(
+        &self,
+        x: &[f32],
+        rows: usize,
+        bias: Option<&[f32]>,
+        kernel: Kernel,
+        epilogue: Option<Epilogue>,
+    ) -> Vec<f32> {
         let (outputs, inputs) = (self.outputs, self.inputs);
         if rows == 0 || outputs == 0 {
             return vec![0f32; rows * outputs];
@@ -251,15 +280,17 @@ impl PackedWeight {
                         let depth = DEPTH.min(inputs - k0);
                         let block = &panel[k0 * PANEL..][..depth * PANEL];
                         for (t, a) in acc.iter_mut().enumerate() {
-                            let r0 = t * TILE_ROWS;
-                            let tile_rows = TILE_ROWS.min(rows - r0);
+                            let (r0, tile_rows) = tile_span(rows, tiles, t);
                             let xs = &x[r0 * inputs + k0..][..(tile_rows - 1) * inputs + depth];
                             kernel(xs, inputs, tile_rows, depth, block, a);
                         }
                     }
-                    for (t, a) in acc.iter().enumerate() {
-                        let r0 = t * TILE_ROWS;
-                        for r in 0..TILE_ROWS.min(rows - r0) {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let (r0, tile_rows) = tile_span(rows, tiles, t);
+                        if let Some(epilogue) = epilogue {
+                            epilogue(&mut a[..tile_rows * PANEL]);
+                        }
+                        for r in 0..tile_rows {
                             let src = &a[r * PANEL..][..width];
                             // SAFETY: `y` has room for `rows × outputs` values and outlives the
                             // loop; this task alone writes outputs `p·PANEL ..+ width` (its own
@@ -288,6 +319,17 @@ impl PackedWeight {
         self.select_rows(&ids).unwrap()
     }
 }
+
+/// Rows `(first, count)` of tile `t` when `rows` rows are split into `tiles` tiles of at most
+/// [`TILE_ROWS`]: sizes differ by at most one (80 rows: ten tiles of 6 and four of 5, rather than
+/// thirteen of 6 and one of 2, whose 4 accumulators cannot hide the FMA latency).
+fn tile_span(rows: usize, tiles: usize, t: usize) -> (usize, usize) {
+    let (base, extra) = (rows / tiles, rows % tiles);
+    (t * base + t.min(extra), base + usize::from(t < extra))
+}
+
+/// An element-wise function applied in place to a product's outputs ([`PackedWeight::linear_then`]).
+pub type Epilogue = fn(&mut [f32]);
 
 /// A raw output pointer shared by tasks that write disjoint parts of the output.
 #[derive(Clone, Copy)]
@@ -451,7 +493,7 @@ mod tests {
         let rows = x.dim(0).unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         Tensor::from_vec(
-            p.product(&xs, rows, bias, k),
+            p.product(&xs, rows, bias, k, None),
             (rows, p.outputs()),
             &Device::Cpu,
         )
@@ -489,9 +531,36 @@ mod tests {
                     assert!(max_rel_diff(&got, &want_b) < 1e-5);
                     let host = packed.linear_to_host(&x, Some(&bias)).unwrap();
                     assert_eq!(host, got.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                    // An epilogue sees every output once, after the bias.
+                    let then = packed
+                        .linear_then(
+                            &x,
+                            Some(&bias),
+                            Some(|v: &mut [f32]| v.iter_mut().for_each(|v| *v = *v * 2.0 + 1.0)),
+                        )
+                        .unwrap();
+                    let want_then = ((got * 2.0).unwrap() + 1.0).unwrap();
+                    assert_eq!(max_abs_diff(&then, &want_then), 0.0);
                 }
             }
         }
+    }
+
+    #[test]
+    fn tiles_cover_the_rows_evenly() {
+        for rows in 1usize..200 {
+            let tiles = rows.div_ceil(TILE_ROWS);
+            let mut next = 0;
+            for t in 0..tiles {
+                let (first, count) = tile_span(rows, tiles, t);
+                assert_eq!(first, next);
+                assert!((1..=TILE_ROWS).contains(&count) && count + 1 >= rows / tiles);
+                next += count;
+            }
+            assert_eq!(next, rows);
+        }
+        assert_eq!(tile_span(80, 14, 0), (0, 6));
+        assert_eq!(tile_span(80, 14, 13), (75, 5));
     }
 
     /// Panel views compute their own outputs; a lookup reads rows exactly.

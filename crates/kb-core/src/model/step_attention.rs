@@ -15,6 +15,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::vector_math as vm;
+
 /// Whether [`attend_single_query`] can run here: f32 tensors on the CPU.
 pub fn applies(q: &Tensor) -> bool {
     matches!(q.device(), Device::Cpu) && q.dtype() == DType::F32
@@ -50,22 +52,58 @@ fn f32_data<'a>(storage: &'a CpuStorage, what: &str) -> candle_core::Result<&'a 
     }
 }
 
-/// `Σ a[i]·b[i]` in eight independent lanes (vectorisable), then summed.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+/// What the per-group kernel reads: queries, the key/value storage with its strides, the mask.
+struct Operands<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    /// Offsets and strides (row, head, position) of keys and values in their storage.
+    k0: usize,
+    v0: usize,
+    ks: [usize; 3],
+    vs: [usize; 3],
+    heads: usize,
+    len: usize,
+    head_dim: usize,
+    group: usize,
+    mask: Option<&'a [f32]>,
+}
+
+/// Attention of the `group` queries that read key/value row `kr`: `scores` has room for
+/// `group × len` values, `out` (the group's `group × heads·head_dim` outputs) starts zeroed.
+/// Each key and value vector is read once for the whole group (the beams of one input share
+/// their cross-attention keys/values).
+#[inline(always)]
+fn attend_group_body(ops: &Operands<'_>, kr: usize, scores: &mut [f32], out: &mut [f32]) {
+    let (len, hd, group) = (ops.len, ops.head_dim, ops.group);
+    let dim = ops.heads * hd;
+    let mask = ops.mask.map(|m| &m[kr * len..(kr + 1) * len]);
+    let queries = &ops.q[kr * group * dim..][..group * dim];
+    for h in 0..ops.heads {
+        let kbase = ops.k0 + kr * ops.ks[0] + h * ops.ks[1];
+        for j in 0..len {
+            let kj = &ops.k[kbase + j * ops.ks[2]..][..hd];
+            let m = mask.map_or(0.0, |m| m[j]);
+            for g in 0..group {
+                scores[g * len + j] = vm::dot(&queries[g * dim + h * hd..][..hd], kj) + m;
+            }
+        }
+        for g in 0..group {
+            vm::softmax_body(&mut scores[g * len..][..len]);
+        }
+        let vbase = ops.v0 + kr * ops.vs[0] + h * ops.vs[1];
+        for j in 0..len {
+            let vj = &ops.v[vbase + j * ops.vs[2]..][..hd];
+            for g in 0..group {
+                vm::axpy(&mut out[g * dim + h * hd..][..hd], scores[g * len + j], vj);
+            }
         }
     }
-    let mut sum: f32 = lanes.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        sum += x * y;
-    }
-    sum
+}
+
+vm::dispatched! {
+    /// [`attend_group_body`], vectorised for the CPU it runs on.
+    fn attend_group(ops: &Operands<'_>, kr: usize, scores: &mut [f32], out: &mut [f32]) = attend_group_body;
 }
 
 impl CustomOp3 for SingleQueryAttention {
@@ -113,43 +151,35 @@ impl CustomOp3 for SingleQueryAttention {
         if len == 0 {
             candle_core::bail!("single-query attention over no keys");
         }
-        let q = &f32_data(q_storage, "queries")?[q_layout.start_offset()..][..rows * dim];
-        let k = f32_data(k_storage, "keys")?;
-        let v = f32_data(v_storage, "values")?;
-        let (ks, vs) = (k_layout.stride(), v_layout.stride());
-        let (k0, v0) = (k_layout.start_offset(), v_layout.start_offset());
+        let ops = Operands {
+            q: &f32_data(q_storage, "queries")?[q_layout.start_offset()..][..rows * dim],
+            k: f32_data(k_storage, "keys")?,
+            v: f32_data(v_storage, "values")?,
+            k0: k_layout.start_offset(),
+            v0: v_layout.start_offset(),
+            ks: [
+                k_layout.stride()[0],
+                k_layout.stride()[1],
+                k_layout.stride()[2],
+            ],
+            vs: [
+                v_layout.stride()[0],
+                v_layout.stride()[1],
+                v_layout.stride()[2],
+            ],
+            heads,
+            len,
+            head_dim,
+            group: self.group,
+            mask: self.mask.as_deref(),
+        };
         let mut out = vec![0f32; rows * dim];
-        out.par_chunks_mut(dim).enumerate().for_each_init(
-            || vec![0f32; len],
-            |scores, (r, out_row)| {
-                let kr = r / self.group;
-                let mask = self.mask.as_ref().map(|m| &m[kr * len..(kr + 1) * len]);
-                for h in 0..heads {
-                    let qh = &q[r * dim + h * head_dim..][..head_dim];
-                    let kbase = k0 + kr * ks[0] + h * ks[1];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        let kj = &k[kbase + j * ks[2]..][..head_dim];
-                        *s = dot(qh, kj) + mask.map_or(0.0, |m| m[j]);
-                        max = max.max(*s);
-                    }
-                    let mut total = 0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        total += *s;
-                    }
-                    let oh = &mut out_row[h * head_dim..][..head_dim];
-                    let vbase = v0 + kr * vs[0] + h * vs[1];
-                    for (j, &p) in scores.iter().enumerate() {
-                        let p = p / total;
-                        let vj = &v[vbase + j * vs[2]..][..head_dim];
-                        for (o, &x) in oh.iter_mut().zip(vj) {
-                            *o += p * x;
-                        }
-                    }
-                }
-            },
-        );
+        out.par_chunks_mut(self.group * dim)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; self.group * len],
+                |scores, (kr, out)| attend_group(&ops, kr, scores, out),
+            );
         Ok((CpuStorage::F32(out), Shape::from((rows, dim))))
     }
 }
