@@ -111,14 +111,15 @@ pub fn generate_each_while(
     let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
     let (ids, mask) = pad_batch(model, inputs, pad)?;
     let encoded = model.encode(&ids, Some(&mask), Pass::Inference)?;
+    // One row per input for now: beam search widens the cache to its beams after the first
+    // step (see `beam_search`). The beams of an input then share its encoder output and
+    // cross-attention keys/values.
+    let mut cache = model.start_decoding(&encoded, Some(&mask))?;
+    // Decoder positions ever fed: the start token and every generated token but the last.
+    cache.reserve((cfg.effective_max_length().saturating_sub(1)).clamp(1, RESERVED_POSITIONS));
     if cfg.num_beams == 1 {
-        let mut cache = model.start_decoding(&encoded, Some(&mask))?;
-        cache.reserve(cfg.effective_max_length().min(RESERVED_POSITIONS));
         greedy(model, cache, inputs.len(), cfg, done, wanted)
     } else {
-        // The beams of an input share its encoder output and cross-attention keys/values.
-        let mut cache = model.start_decoding_grouped(&encoded, Some(&mask), cfg.num_beams)?;
-        cache.reserve(cfg.effective_max_length().min(RESERVED_POSITIONS));
         beam_search(model, cache, inputs.len(), cfg, done, wanted)
     }
 }
@@ -324,16 +325,27 @@ fn beam_search(
     // until the whole batch stops, with the same outputs.
     let mut active: Vec<usize> = (0..batch).collect();
     loop {
+        // At the first step an input's beams are one sequence (the start token): it is decoded
+        // once per input and its logits and cache rows copied to the beams — the same values
+        // transformers computes k times (each row of a product depends on that row alone).
+        let first_step = cache.group() < k;
+        let beams_fed = if first_step { 1 } else { k };
         let last: Vec<u32> = active
             .iter()
             .flat_map(|&b| {
-                states[b]
-                    .running
+                states[b].running[..beams_fed]
                     .iter()
                     .map(|h| *h.tokens.last().unwrap_or(&0))
             })
             .collect();
         let (mut logits, vocab) = step_logits(model, &mut cache, &last)?;
+        if first_step {
+            logits = logits
+                .chunks(vocab)
+                .flat_map(|row| std::iter::repeat_n(row, k).flatten().copied())
+                .collect();
+            cache.widen_groups(k)?;
+        }
         let mut live: Vec<&mut BeamState> = states
             .iter_mut()
             .enumerate()

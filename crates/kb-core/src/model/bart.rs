@@ -414,6 +414,30 @@ impl DecoderCache {
         Ok(())
     }
 
+    /// Decoder rows per encoder row.
+    pub fn group(&self) -> usize {
+        self.group
+    }
+
+    /// Multiplies the decoder rows of every encoder row by `factor`: row `r` becomes rows
+    /// `r · factor ..< (r + 1) · factor`, each a copy of its self-attention history. Beam search
+    /// runs its first step — where an input's beams are all the same sequence — once per input
+    /// and then widens the cache to the beams.
+    pub fn widen_groups(&mut self, factor: usize) -> Result<()> {
+        if factor == 0 {
+            return Err(Error::Invalid("cannot widen decoding groups by 0".into()));
+        }
+        let rows = self.batch_size()?;
+        let copies: Vec<u32> = (0..rows as u32)
+            .flat_map(|r| std::iter::repeat_n(r, factor))
+            .collect();
+        for layer in &mut self.layers {
+            layer.self_kv.select_rows(&copies)?;
+        }
+        self.group *= factor;
+        Ok(())
+    }
+
     /// Keeps, in order, the self-attention history of the given rows (beam search reordering).
     ///
     /// Cross-attention keys/values are not reordered: beam search only moves hypotheses between

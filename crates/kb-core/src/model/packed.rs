@@ -291,16 +291,20 @@ impl PackedWeight {
                             epilogue(&mut a[..tile_rows * PANEL]);
                         }
                         for r in 0..tile_rows {
-                            let src = &a[r * PANEL..][..width];
+                            let src = &a[r * PANEL..][..PANEL];
+                            let dst = out.add((r0 + r) * outputs + p * PANEL);
                             // SAFETY: `y` has room for `rows × outputs` values and outlives the
                             // loop; this task alone writes outputs `p·PANEL ..+ width` (its own
-                            // panels) of row `r0 + r`, which lie inside it.
+                            // panels) of row `r0 + r`, which lie inside it. A whole panel is
+                            // copied as one fixed-size block (two vector moves, not a `memcpy`
+                            // call per row and panel).
                             unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    src.as_ptr(),
-                                    out.add((r0 + r) * outputs + p * PANEL),
-                                    width,
-                                );
+                                if width == PANEL {
+                                    dst.cast::<[f32; PANEL]>()
+                                        .write_unaligned(src.try_into().expect("a panel row"));
+                                } else {
+                                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst, width);
+                                }
                             }
                         }
                     }
