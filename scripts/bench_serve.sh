@@ -168,7 +168,7 @@ for name in ["kb-serve", "reference"]:
 print(f"\nPOST /keyword_extract, beam {beams}, max_length {max_length}, kb-serve dtype {dtype}, "
       f"{os.cpu_count()} CPUs; single client {single}s, then {clients} clients {duration}s\n")
 hdr = (f"| server | 1 client: req/s | p50 (ms) | {clients} clients: req/s | done | p50 (ms) | p99 (ms) | "
-       f"p99/p50 | p99/1-client p50 | errors | RSS idle / under load / peak (MB) | other CPU |")
+       f"p99/p50 | p99/1-client p50 | errors | RSS idle / under load / peak (MiB) | other CPU |")
 print(hdr)
 print("|" + "---|" * (hdr.count("|") - 1))
 nan = float("nan")

@@ -326,8 +326,9 @@ fn beam_search(
     let mut active: Vec<usize> = (0..batch).collect();
     loop {
         // At the first step an input's beams are one sequence (the start token): it is decoded
-        // once per input and its logits and cache rows copied to the beams — the same values
-        // transformers computes k times (each row of a product depends on that row alone).
+        // once per input, every beam is scored from that one row of logits and the cache rows
+        // are copied to the beams — the same values transformers computes k times (each row of
+        // a product depends on that row alone).
         let first_step = cache.group() < k;
         let beams_fed = if first_step { 1 } else { k };
         let last: Vec<u32> = active
@@ -340,10 +341,6 @@ fn beam_search(
             .collect();
         let (mut logits, vocab) = step_logits(model, &mut cache, &last)?;
         if first_step {
-            logits = logits
-                .chunks(vocab)
-                .flat_map(|row| std::iter::repeat_n(row, k).flatten().copied())
-                .collect();
             cache.widen_groups(k)?;
         }
         let mut live: Vec<&mut BeamState> = states
@@ -355,7 +352,7 @@ fn beam_search(
         // Each input's beams are scored independently: in parallel over inputs.
         let outcomes: Vec<(Vec<u32>, bool)> = live
             .par_iter_mut()
-            .zip(logits.par_chunks_mut(k * vocab))
+            .zip(logits.par_chunks_mut(beams_fed * vocab))
             .enumerate()
             .map(|(pos, (state, rows))| {
                 beam_step(state, rows, vocab, pos, cur_len, keep, max_length, cfg)
@@ -441,7 +438,8 @@ fn settled(state: &BeamState, cfg: &GenerationConfig) -> bool {
 }
 
 /// One beam-search step for one input: scores its beams' continuations from `rows` (its `k`
-/// rows of logits, `vocab` wide; turned into processed log-probabilities in place), updates its
+/// rows of logits, `vocab` wide, or one row shared by beams that are all the same sequence;
+/// turned into processed log-probabilities in place), updates its
 /// running and finished hypotheses and returns the cache rows its new beams continue (global
 /// indices) and whether every candidate stopped.
 #[allow(clippy::too_many_arguments)]
@@ -460,10 +458,19 @@ fn beam_step(
     let lp = cfg.length_penalty;
     // The best `keep` accumulated log-probabilities over every (beam, token) continuation.
     let mut best = Vec::with_capacity(keep + 1);
-    for (j, (hyp, row)) in state.running.iter().zip(rows.chunks_mut(vocab)).enumerate() {
-        log_softmax_in_place(row);
-        process(row, &hyp.tokens, cfg);
-        push_top_k(&mut best, row, hyp.score, j * vocab, keep);
+    if rows.len() == vocab {
+        // One row for every beam (the first step: all beams are the start token alone).
+        log_softmax_in_place(rows);
+        process(rows, &state.running[0].tokens, cfg);
+        for (j, hyp) in state.running.iter().enumerate() {
+            push_top_k(&mut best, rows, hyp.score, j * vocab, keep);
+        }
+    } else {
+        for (j, (hyp, row)) in state.running.iter().zip(rows.chunks_mut(vocab)).enumerate() {
+            log_softmax_in_place(row);
+            process(row, &hyp.tokens, cfg);
+            push_top_k(&mut best, row, hyp.score, j * vocab, keep);
+        }
     }
     let cands: Vec<(f32, usize, u32, bool)> = best
         .into_iter()

@@ -116,12 +116,32 @@ impl SelfAttentionCache {
         })
     }
 
-    /// Keeps only the given rows, in the given order (the buffers shrink to them: a copy).
+    /// Keeps the given rows, in the given order, repeats allowed (inputs leaving the batch,
+    /// beams taking copies of one row). Only the filled positions are copied, and the old
+    /// buffers are released before the new ones (same capacity) are allocated, so the memory
+    /// they held is reused rather than left as holes in the heap.
     pub fn select_rows(&mut self, rows: &[u32]) -> candle_core::Result<()> {
-        if let Some(buffers) = &self.buffers {
-            let idx = Tensor::new(rows, buffers.keys.device())?;
-            self.buffers = Some(buffers.select_rows(&idx)?);
-        }
+        let Some(buffers) = self.buffers.take() else {
+            return Ok(());
+        };
+        let capacity = buffers.keys.dim(2)?;
+        let idx = Tensor::new(rows, buffers.keys.device())?;
+        let view = self.view_of(&buffers)?;
+        let filled = KeyValues {
+            keys: view.keys.contiguous()?.index_select(&idx, 0)?,
+            values: view.values.contiguous()?.index_select(&idx, 0)?,
+        };
+        drop((view, buffers));
+        let (n, heads, _, head_dim) = filled.keys.dims4()?;
+        let shape = (n, heads, capacity, head_dim);
+        let (dtype, device) = (filled.keys.dtype(), filled.keys.device());
+        let fresh = KeyValues {
+            keys: Tensor::zeros(shape, dtype, device)?,
+            values: Tensor::zeros(shape, dtype, device)?,
+        };
+        fresh.keys.slice_set(&filled.keys, 2, 0)?;
+        fresh.values.slice_set(&filled.values, 2, 0)?;
+        self.buffers = Some(fresh);
         Ok(())
     }
 
@@ -319,6 +339,23 @@ mod tests {
         same(
             &cache.view().unwrap().unwrap(),
             &cat(&first.select_rows(&idx).unwrap(), &second),
+        );
+        // Rows repeated (beams copying one row): the capacity stays; then the history grows
+        // past it.
+        let capacity = cache.capacity();
+        let before = cache.view().unwrap().unwrap();
+        let before = KeyValues {
+            keys: before.keys.contiguous().unwrap(),
+            values: before.values.contiguous().unwrap(),
+        };
+        cache.select_rows(&[0, 0, 0, 1, 1, 1]).unwrap();
+        assert_eq!(cache.capacity(), capacity);
+        let idx = Tensor::new(&[0u32, 0, 0, 1, 1, 1], &Device::Cpu).unwrap();
+        let third = kv(6, 2, capacity, 900.0);
+        cache.append(&third).unwrap();
+        same(
+            &cache.view().unwrap().unwrap(),
+            &cat(&before.select_rows(&idx).unwrap(), &third),
         );
     }
 
