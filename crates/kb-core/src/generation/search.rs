@@ -565,13 +565,7 @@ mod tests {
         ];
         let offsets = [0.0f32, -0.0, 1e9];
         for k in [1, 2, 4, 7, 18, 30] {
-            let mut best = Vec::new();
-            let mut all = Vec::new();
-            for (j, (row, off)) in rows.iter().zip(offsets).enumerate() {
-                push_top_k(&mut best, row, off, j * row.len(), k);
-                all.extend(row.iter().map(|v| v + off));
-            }
-            let want = top_k(&all, k);
+            let (best, want) = row_by_row_and_whole(&rows, &offsets, k);
             assert_eq!(best.len(), want.len(), "k={k}");
             for (a, b) in best.iter().zip(&want) {
                 assert_eq!(a.1, b.1, "k={k}: {best:?} vs {want:?}");
@@ -597,17 +591,27 @@ mod tests {
                     .collect()
             })
             .collect();
+        let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
         let offsets = [0.0f32, -3.5, 2.25];
         for k in [1, 2, 10, 33, 100] {
-            let mut best = Vec::new();
-            let mut all = Vec::new();
-            for (j, (row, off)) in rows.iter().zip(offsets).enumerate() {
-                push_top_k(&mut best, row, off, j * row.len(), k);
-                all.extend(row.iter().map(|v| v + off));
-            }
-            let want = top_k(&all, k);
+            let (best, want) = row_by_row_and_whole(&rows, &offsets, k);
             assert_eq!(best, want, "k={k}");
         }
+    }
+
+    /// Ranked `(score, index)` candidates.
+    type Ranked = Vec<(f32, usize)>;
+
+    /// [`push_top_k`] over equally long `rows` (row `j` with `offsets[j]`), and [`top_k`] over
+    /// their concatenation.
+    fn row_by_row_and_whole(rows: &[&[f32]], offsets: &[f32], k: usize) -> (Ranked, Ranked) {
+        let mut best = Vec::new();
+        let mut all = Vec::new();
+        for (j, (row, &off)) in rows.iter().zip(offsets).enumerate() {
+            push_top_k(&mut best, row, off, j * row.len(), k);
+            all.extend(row.iter().map(|v| v + off));
+        }
+        (best, top_k(&all, k))
     }
 
     #[test]

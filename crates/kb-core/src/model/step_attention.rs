@@ -5,9 +5,12 @@
 //! step for a beam-search batch, dominated by call overhead — plus the score and probability
 //! tensors in between. This kernel computes, per row and head, the scores against the cached
 //! keys, an additive mask, the softmax and the weighted sum of values in one pass, in parallel
-//! over rows. It reads the keys/values through their strides, so the views of the preallocated
-//! self-attention cache are used without copies. Numerically it is the same computation
-//! (f32 accumulation; the order of additions differs from a matrix product's).
+//! over groups of rows that share keys/values (an input's beams in cross-attention: each key is
+//! read once for the group), vectorised with AVX2 + FMA where the CPU has them
+//! ([`crate::vector_math`]). It reads the keys/values through their strides, so the views of
+//! the preallocated self-attention cache are used without copies. Numerically it is the same
+//! computation (f32 accumulation; the order of additions differs from a matrix product's, and
+//! the exponential is [`crate::vector_math::exp`], within 2 ulp).
 
 use std::sync::Arc;
 
