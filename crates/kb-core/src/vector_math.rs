@@ -200,7 +200,7 @@ dispatched! {
     pub fn softmax_in_place(row: &mut [f32]) = softmax_body;
 }
 
-/// `Σ a[i]·b[i]` in [`LANES`] partial sums.
+/// `Σ a[i]·b[i]` in eight partial sums.
 #[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
