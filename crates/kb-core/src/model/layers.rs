@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
-use super::packed::{self, PackedWeight};
+use super::packed::{self, with_f32_slices, PackedWeight};
 use crate::config::Activation;
 
 /// Layer-norm epsilon used by every BART layer norm (PyTorch's default).
@@ -73,28 +73,15 @@ impl Linear {
             },
         })
     }
-}
 
-impl Linear {
     /// `act(x Wᵀ + b)`. With packed weights the GELU of BART's feed-forward layers runs inside
     /// the product, on each block of outputs while it is in cache
     /// ([`crate::vector_math::gelu`]); otherwise the activation follows the product.
     pub fn forward_activated(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         match (self, act) {
-            (Linear::Packed { weight, bias }, Activation::Gelu) => {
-                let (rows, features) = match x.dims() {
-                    [.., n] => (x.elem_count() / n, *n),
-                    [] => candle_core::bail!("linear layer applied to a scalar"),
-                };
-                let y = weight.linear_then(
-                    &x.reshape((rows, features))?,
-                    Some(bias),
-                    Some(crate::vector_math::gelu_in_place),
-                )?;
-                let mut out_dims = x.dims().to_vec();
-                *out_dims.last_mut().expect("at least one dim") = y.dim(1)?;
-                y.reshape(out_dims)
-            }
+            (Linear::Packed { weight, bias }, Activation::Gelu) => on_rows(x, |x| {
+                weight.linear_then(x, Some(bias), Some(crate::vector_math::gelu_in_place))
+            }),
             _ => activate(&self.forward(x)?, act),
         }
     }
@@ -102,19 +89,27 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (rows, features) = match x.dims() {
-            [.., n] => (x.elem_count() / n, *n),
-            [] => candle_core::bail!("linear layer applied to a scalar"),
-        };
-        let x2 = x.reshape((rows, features))?;
-        let y = match self {
-            Linear::Packed { weight, bias } => weight.linear(&x2, Some(bias))?,
-            Linear::Dense { weight, bias } => matmul_weight_t(&x2, weight)?.broadcast_add(bias)?,
-        };
-        let mut out_dims = x.dims().to_vec();
-        *out_dims.last_mut().expect("at least one dim") = y.dim(1)?;
-        y.reshape(out_dims)
+        on_rows(x, |x| match self {
+            Linear::Packed { weight, bias } => weight.linear(x, Some(bias)),
+            Linear::Dense { weight, bias } => matmul_weight_t(x, weight)?.broadcast_add(bias),
+        })
     }
+}
+
+/// Applies `f`, a map from `(rows, features)` to `(rows, outputs)`, along the last dimension of
+/// `x` whatever its leading dimensions.
+fn on_rows(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let (rows, features) = match x.dims() {
+        [.., n] => (x.elem_count() / n, *n),
+        [] => candle_core::bail!("linear layer applied to a scalar"),
+    };
+    let y = f(&x.reshape((rows, features))?)?;
+    let mut out_dims = x.dims().to_vec();
+    *out_dims.last_mut().expect("at least one dim") = y.dim(1)?;
+    y.reshape(out_dims)
 }
 
 /// Rows of `x` up to which [`matmul_weight_t`] computes `(W xᵀ)ᵀ` for frozen weights too.
@@ -166,9 +161,7 @@ impl LayerNorm {
             candle_nn::ops::layer_norm(x, &self.weight, &self.bias, LAYER_NORM_EPS as f32)
         }
     }
-}
 
-impl LayerNorm {
     /// `LayerNorm(x + h)`: the residual connection and the norm after it (post-LN BART). At
     /// inference on contiguous f32 CPU tensors, one pass over each row
     /// ([`crate::vector_math::add_layer_norm_rows`]) instead of an element-wise add and a norm.
@@ -204,24 +197,6 @@ impl LayerNorm {
         })?;
         Tensor::from_vec(out, x.shape(), x.device())
     }
-}
-
-/// Runs `f` on the values of contiguous f32 CPU tensors, without copies.
-fn with_f32_slices<const N: usize, R>(
-    tensors: [&Tensor; N],
-    f: impl FnOnce([&[f32]; N]) -> R,
-) -> candle_core::Result<R> {
-    let guards = tensors.map(|t| t.storage_and_layout());
-    let mut slices: [&[f32]; N] = [&[]; N];
-    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
-        match (&**storage, layout.contiguous_offsets()) {
-            (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((a, b))) => {
-                *slot = &data[a..b]
-            }
-            _ => candle_core::bail!("expected contiguous f32 tensors on the CPU"),
-        }
-    }
-    Ok(f(slices))
 }
 
 /// Applies an activation function.

@@ -60,19 +60,28 @@ fn applies(t: &Tensor) -> bool {
     matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
 }
 
-/// Runs `f` on the f32 values of a contiguous CPU tensor without copying them.
+/// Runs `f` on the f32 values of a CPU tensor (made contiguous first) without copying them.
 fn with_contiguous_f32<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(data)) => {
-            f(&data[layout.start_offset()..][..layout.shape().elem_count()])
+    with_f32_slices([&t.contiguous()?], |[values]| f(values))?
+}
+
+/// Runs `f` on the values of contiguous f32 CPU tensors, without copies.
+pub(crate) fn with_f32_slices<const N: usize, R>(
+    tensors: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> candle_core::Result<R> {
+    let guards = tensors.map(|t| t.storage_and_layout());
+    let mut slices: [&[f32]; N] = [&[]; N];
+    for (slot, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        match (&**storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(data)), Some((a, b))) => *slot = &data[a..b],
+            _ => candle_core::bail!("expected contiguous f32 tensors on the CPU"),
         }
-        _ => candle_core::bail!("packed linear: expected an f32 tensor on the CPU"),
     }
+    Ok(f(slices))
 }
 
 impl PackedWeight {
