@@ -9,6 +9,7 @@ use rand::SeedableRng;
 
 use crate::error::{Error, Result};
 use crate::tokenizer::KoTokenizer;
+use crate::tsv;
 
 /// One row of a data file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,90 +44,54 @@ pub struct Dataset {
 
 impl Dataset {
     /// Reads a TSV with a header containing `query` and `keyword` (other columns ignored, any
-    /// order); UTF-8 with or without BOM, LF or CRLF, fields quoted as pandas' `read_csv(sep='\t')`
-    /// accepts them. A bad row is an error naming file and line unless `skip_bad_rows`.
+    /// order), as [`crate::tsv`] reads every TSV (BOM, CRLF, pandas-style quoting, trimmed NFC
+    /// fields). A bad row is an error naming file and line unless `skip_bad_rows`.
     pub fn read_tsv(path: &Path, skip_bad_rows: bool) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse_tsv(&bytes, path, skip_bad_rows)
+        Self::parse_tsv(&tsv::read_bytes(path)?, path, skip_bad_rows)
     }
 
     /// Parses TSV bytes; `path` names the file in messages.
     pub fn parse_tsv(bytes: &[u8], path: &Path, skip_bad_rows: bool) -> Result<Self> {
-        let fail = |line: usize, problem: String| {
-            Error::Invalid(format!("{}: line {line}: {problem}", path.display()))
-        };
-        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            return Err(fail(
-                1,
-                "the file is empty (expected a header with `query` and `keyword`)".into(),
-            ));
-        }
-        let mut reader = csv::ReaderBuilder::new()
-            .delimiter(b'\t')
-            .flexible(true)
-            .has_headers(true)
-            .from_reader(bytes);
-        let header = reader
-            .byte_headers()
-            .map_err(|e| fail(1, format!("unreadable header: {e}")))?
-            .clone();
-        let header: Vec<String> = header
-            .iter()
-            .map(|h| String::from_utf8_lossy(h).trim().to_string())
-            .collect();
-        let col = |name: &str| header.iter().position(|h| h == name);
-        let (Some(qcol), Some(kcol)) = (col("query"), col("keyword")) else {
-            return Err(fail(
-                1,
+        let reader = tsv::Reader::new(bytes, path)?;
+        let (Some(qcol), Some(kcol)) = (reader.column("query"), reader.column("keyword")) else {
+            return Err(reader.error(
+                reader.header_line(),
                 format!(
                     "the header must contain `query` and `keyword` columns (tab-separated); found {:?}",
-                    header
+                    reader.header()
                 ),
             ));
         };
-        // Line numbers from byte offsets (the csv crate miscounts lines of CRLF files).
-        let newlines: Vec<usize> = bytes
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| **b == b'\n')
-            .map(|(i, _)| i)
-            .collect();
-        // (With CRLF, csv reports a record as starting at the `\n` before it, hence `<=`.)
-        let line_at = |byte: u64| newlines.partition_point(|&nl| (nl as u64) <= byte) + 1;
         let mut examples = Vec::new();
         let mut skipped = Vec::new();
-        let mut record = csv::ByteRecord::new();
-        loop {
-            let line_hint = line_at(reader.position().byte());
-            match reader.read_byte_record(&mut record) {
-                Ok(false) => break,
-                Ok(true) => {}
-                Err(e) => {
-                    let line = e.position().map(|p| line_at(p.byte())).unwrap_or(line_hint);
-                    let bad = BadRow {
-                        line,
-                        problem: format!("unreadable row: {e}"),
+        let fail = |line: usize, problem: String| tsv::line_error(path, line, problem);
+        for row in reader {
+            let checked = row
+                .map_err(|e| BadRow {
+                    line: e.line,
+                    problem: e.problem,
+                })
+                .and_then(|r| {
+                    let field = |i: usize, name: &str| {
+                        if r.fields[i].is_empty() {
+                            Err(BadRow {
+                                line: r.line,
+                                problem: format!("field `{name}` is empty"),
+                            })
+                        } else {
+                            Ok(r.fields[i].clone())
+                        }
                     };
-                    if skip_bad_rows {
-                        skipped.push(bad);
-                        continue;
-                    }
-                    return Err(fail(bad.line, bad.problem));
-                }
-            }
-            let line = record
-                .position()
-                .map(|p| line_at(p.byte()))
-                .unwrap_or(line_hint);
-            match check_row(&record, header.len(), qcol, kcol) {
-                Ok((query, keyword)) => examples.push(Example {
-                    query,
-                    keyword,
-                    line,
-                }),
-                Err(problem) if skip_bad_rows => skipped.push(BadRow { line, problem }),
-                Err(problem) => return Err(fail(line, problem)),
+                    Ok(Example {
+                        query: field(qcol, "query")?,
+                        keyword: field(kcol, "keyword")?,
+                        line: r.line,
+                    })
+                });
+            match checked {
+                Ok(example) => examples.push(example),
+                Err(bad) if skip_bad_rows => skipped.push(bad),
+                Err(bad) => return Err(fail(bad.line, bad.problem)),
             }
         }
         if examples.is_empty() {
@@ -165,31 +130,6 @@ impl Dataset {
             if self.skipped.len() > 5 { "; …" } else { "" }
         ))
     }
-}
-
-fn check_row(
-    record: &csv::ByteRecord,
-    width: usize,
-    qcol: usize,
-    kcol: usize,
-) -> std::result::Result<(String, String), String> {
-    if record.len() != width {
-        return Err(format!(
-            "expected {width} tab-separated fields like the header, found {}",
-            record.len()
-        ));
-    }
-    let field = |i: usize, name: &str| -> std::result::Result<String, String> {
-        let raw = record.get(i).unwrap_or_default();
-        let text = std::str::from_utf8(raw)
-            .map_err(|_| format!("field `{name}` is not valid UTF-8"))?
-            .trim();
-        if text.is_empty() {
-            return Err(format!("field `{name}` is empty"));
-        }
-        Ok(text.to_string())
-    };
-    Ok((field(qcol, "query")?, field(kcol, "keyword")?))
 }
 
 /// An example encoded for training.

@@ -27,7 +27,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 pub use crate::synonyms::normalize_keyword;
 use crate::synonyms::Synonyms;
 
@@ -269,76 +269,44 @@ impl Predictions {
     /// wrong number of fields, an empty query, or a query already seen (after
     /// [`normalize_keyword`]) is an error naming the file and line.
     pub fn read_tsv(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        Self::parse_tsv(&bytes, path)
+        Self::parse_tsv(&crate::tsv::read_bytes(path)?, path)
     }
 
-    /// Parses predictions TSV bytes; `path` names the file in messages.
+    /// Parses predictions TSV bytes ([`crate::tsv`]'s format); `path` names the file in
+    /// messages.
     pub fn parse_tsv(bytes: &[u8], path: &Path) -> Result<Self> {
-        let fail = |line: usize, problem: String| {
-            Error::Invalid(format!("{}: line {line}: {problem}", path.display()))
-        };
-        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-        let text = std::str::from_utf8(bytes).map_err(|e| {
-            let line = bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1;
-            fail(line, "not valid UTF-8".into())
-        })?;
-        let mut lines = text.split('\n').enumerate().filter_map(|(i, l)| {
-            let l = l.strip_suffix('\r').unwrap_or(l);
-            (!l.trim().is_empty()).then_some((i + 1, l))
-        });
-        let Some((hline, header)) = lines.next() else {
-            return Err(fail(
-                1,
-                "the file is empty (expected a header with `query` and `keyword`)".into(),
-            ));
-        };
-        let header: Vec<&str> = header.split('\t').map(str::trim).collect();
-        let col = |name: &str| header.iter().position(|h| *h == name);
-        let (Some(qcol), Some(kcol)) = (col("query"), col("keyword").or_else(|| col("keywords")))
-        else {
-            return Err(fail(
-                hline,
+        let reader = crate::tsv::Reader::new(bytes, path)?;
+        let keyword_col = reader
+            .column("keyword")
+            .or_else(|| reader.column("keywords"));
+        let (Some(qcol), Some(kcol)) = (reader.column("query"), keyword_col) else {
+            return Err(reader.error(
+                reader.header_line(),
                 format!(
-                    "the header must contain a `query` and a `keyword` (or `keywords`) column, tab-separated; found {header:?}"
+                    "the header must contain a `query` and a `keyword` (or `keywords`) column, tab-separated; found {:?}",
+                    reader.header()
                 ),
             ));
         };
         let mut out = Self::default();
-        for (line, l) in lines {
-            let fields: Vec<&str> = l.split('\t').collect();
-            if fields.len() != header.len() {
-                return Err(fail(
-                    line,
-                    format!(
-                        "expected {} tab-separated fields like the header, found {}",
-                        header.len(),
-                        fields.len()
-                    ),
-                ));
-            }
-            let query = fields[qcol].trim();
+        for row in reader {
+            let row = row.map_err(|e| crate::tsv::line_error(path, e.line, e.problem))?;
+            let (line, query) = (row.line, &row.fields[qcol]);
+            let fail = |problem: String| crate::tsv::line_error(path, line, problem);
             if query.is_empty() {
-                return Err(fail(line, "field `query` is empty".into()));
+                return Err(fail("field `query` is empty".into()));
             }
             let key = normalize_keyword(query);
             if let Some(&first) = out.by_query.get(&key) {
-                return Err(fail(
-                    line,
-                    format!(
-                        "query {query:?} already appears at line {}",
-                        out.rows[first].line
-                    ),
-                ));
+                return Err(fail(format!(
+                    "query {query:?} already appears at line {}",
+                    out.rows[first].line
+                )));
             }
             out.by_query.insert(key, out.rows.len());
             out.rows.push(Prediction {
-                query: query.to_string(),
-                keywords: crate::keywords::split_keywords(fields[kcol]),
+                query: query.clone(),
+                keywords: crate::keywords::split_keywords(&row.fields[kcol]),
                 line,
             });
         }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use unicode_normalization::UnicodeNormalization;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// A keyword trimmed and in Unicode NFC: the form in which keywords are compared.
 pub fn normalize_keyword(keyword: &str) -> String {
@@ -64,33 +64,18 @@ pub struct Synonyms {
 impl Synonyms {
     /// Reads and checks a synonyms file (see the module documentation for the format).
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let text = std::str::from_utf8(&bytes).map_err(|e| {
-            let line = bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count()
-                + 1;
-            Error::Invalid(format!(
-                "{}: line {line}: the file is not valid UTF-8",
-                path.display()
-            ))
-        })?;
-        Self::parse(text, path)
+        let bytes = crate::tsv::read_bytes(path)?;
+        Self::parse(crate::tsv::decode_text(&bytes, path)?, path)
     }
 
     /// Parses the text of a synonyms file; `path` names the file in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let fail = |line: usize, problem: String| {
-            Error::Invalid(format!("{}: line {line}: {problem}", path.display()))
-        };
+        let fail = |line: usize, problem: String| crate::tsv::line_error(path, line, problem);
         // match key -> (canonical spelling, role, line)
         let mut seen: HashMap<String, (String, Role, usize)> = HashMap::new();
         let mut canonicals = 0;
-        for (i, raw) in text.split('\n').enumerate() {
-            let line = i + 1;
-            let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        for (line, raw) in crate::tsv::numbered_lines(text) {
             let trimmed = raw.trim();
             if trimmed.is_empty() || trimmed.starts_with('#') {
                 continue;

@@ -4,74 +4,57 @@
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use kb_core::tsv;
 
 /// Reads queries from `source` (`-` for stdin). Blank lines of a text file are skipped.
 pub fn read_queries(source: &str) -> Result<Vec<String>> {
-    let (text, name) = if source == "-" {
-        let mut s = String::new();
+    let (bytes, name) = if source == "-" {
+        let mut bytes = Vec::new();
         std::io::stdin()
-            .read_to_string(&mut s)
+            .read_to_end(&mut bytes)
             .context("cannot read queries from standard input")?;
-        (s, "<stdin>".to_string())
+        (bytes, "<stdin>")
     } else {
-        let bytes =
-            std::fs::read(Path::new(source)).with_context(|| format!("cannot read {source}"))?;
-        let s = String::from_utf8(bytes).map_err(|e| {
-            let upto = &e.as_bytes()[..e.utf8_error().valid_up_to()];
-            let line = upto.iter().filter(|&&b| b == b'\n').count() + 1;
-            anyhow::anyhow!("{source}: line {line}: not valid UTF-8")
-        })?;
-        (s, source.to_string())
+        (tsv::read_bytes(Path::new(source))?, source)
     };
-    parse_queries(&text, &name)
+    Ok(parse_query_bytes(&bytes, name)?)
 }
 
 /// Parses file content: a TSV whose header has a `query` column, else one query per line.
 pub fn parse_queries(text: &str, name: &str) -> Result<Vec<String>> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let first = text.lines().next().unwrap_or("");
-    let header: Vec<&str> = first
-        .trim_end_matches('\r')
-        .split('\t')
-        .map(str::trim)
-        .collect();
+    Ok(parse_query_bytes(text.as_bytes(), name)?)
+}
+
+fn parse_query_bytes(bytes: &[u8], name: &str) -> kb_core::Result<Vec<String>> {
+    let path = Path::new(name);
+    let text = tsv::decode_text(bytes, path)?;
+    let first = tsv::numbered_lines(text)
+        .next()
+        .map(|(_, l)| l)
+        .unwrap_or("");
+    let header: Vec<&str> = first.split('\t').map(str::trim).collect();
     if header.len() > 1 && header.contains(&"query") {
-        return parse_tsv(text, name);
+        return parse_tsv(bytes, path);
     }
-    Ok(text
-        .lines()
-        .map(|l| l.trim_end_matches('\r').trim())
+    Ok(tsv::numbered_lines(text)
+        .map(|(_, l)| tsv::clean_field(l))
         .filter(|l| !l.is_empty())
-        .map(String::from)
         .collect())
 }
 
-fn parse_tsv(text: &str, name: &str) -> Result<Vec<String>> {
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(b'\t')
-        .flexible(false)
-        .from_reader(text.as_bytes());
-    let headers = reader
-        .headers()
-        .with_context(|| format!("{name}: bad header"))?
-        .clone();
-    let col = headers
-        .iter()
-        .position(|h| h.trim() == "query")
-        .with_context(|| format!("{name}: no `query` column"))?;
+fn parse_tsv(bytes: &[u8], path: &Path) -> kb_core::Result<Vec<String>> {
+    let reader = tsv::Reader::new(bytes, path)?;
+    let col = reader
+        .column("query")
+        .ok_or_else(|| reader.error(reader.header_line(), "no `query` column"))?;
     let mut out = Vec::new();
-    for record in reader.records() {
-        let record = record.map_err(|e| {
-            let line = e.position().map(|p| p.line()).unwrap_or(0);
-            anyhow::anyhow!("{name}: line {line}: {e}")
-        })?;
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
-        let q = record.get(col).unwrap_or("").trim();
-        if q.is_empty() {
-            bail!("{name}: line {line}: empty `query` field");
+    for row in reader {
+        let mut row = row.map_err(|e| tsv::line_error(path, e.line, e.problem))?;
+        if row.fields[col].is_empty() {
+            return Err(tsv::line_error(path, row.line, "empty `query` field"));
         }
-        out.push(q.to_string());
+        out.push(row.fields.swap_remove(col));
     }
     Ok(out)
 }

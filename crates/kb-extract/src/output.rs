@@ -54,23 +54,19 @@ impl<W: Write> ResultWriter<W> {
     pub fn write(&mut self, r: &Extraction) -> Result<()> {
         match self.format {
             Format::Tsv => {
-                let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
-                write!(
-                    self.out,
-                    "{}\t{}\t{}",
-                    clean(&r.query),
-                    clean(&kb_core::keywords::join_keywords(&r.keywords)),
-                    clean(&r.text)
-                )?;
+                let mut fields = vec![
+                    r.query.clone(),
+                    kb_core::keywords::join_keywords(&r.keywords),
+                    r.text.clone(),
+                ];
                 if self.with_ids {
                     let ids: Vec<String> = r.ids.iter().map(u32::to_string).collect();
-                    write!(self.out, "\t{}", ids.join(" "))?;
+                    fields.push(ids.join(" "));
                 }
                 if self.with_scores {
-                    let score = r.score.map(|s| s.to_string()).unwrap_or_default();
-                    write!(self.out, "\t{score}")?;
+                    fields.push(r.score.map(|s| s.to_string()).unwrap_or_default());
                 }
-                writeln!(self.out)?;
+                kb_core::tsv::write_row(&mut self.out, &fields)?;
             }
             Format::Jsonl => {
                 let line = JsonLine {
