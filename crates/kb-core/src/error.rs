@@ -38,6 +38,10 @@ pub enum Error {
     /// Invalid arguments to a kb-core function (e.g. generation settings that contradict each other).
     #[error("{0}")]
     Invalid(String),
+    /// A data-parallel training worker stopped because another worker failed; the other
+    /// worker's error is the root cause (it says what went wrong).
+    #[error("another training worker failed: {0}")]
+    PeerFailed(String),
     /// An error from the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -47,6 +51,12 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Whether this error only reports another training worker's failure
+    /// ([`Error::PeerFailed`]): the root cause is that worker's own error.
+    pub fn is_peer_failure(&self) -> bool {
+        matches!(self, Error::PeerFailed(_))
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {

@@ -17,8 +17,10 @@
 pub mod allocator;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
+#[cfg(feature = "train")]
 pub mod export;
 pub mod generation;
 pub mod keywords;
@@ -28,7 +30,9 @@ pub mod source;
 pub mod synonyms;
 pub mod threads;
 pub mod tokenizer;
+#[cfg(feature = "train")]
 pub mod train;
+pub mod tsv;
 pub mod vector_math;
 pub mod weights;
 
@@ -38,9 +42,10 @@ pub(crate) mod test_support;
 pub use candle_core;
 pub use candle_nn;
 pub use config::BartConfig;
+pub use device::{parse_device, parse_dtype};
 pub use error::{Error, Result};
 pub use generation::{generate, generate_each, generate_each_while, Generated, GenerationConfig};
 pub use model::Bart;
-pub use pipeline::{parse_device, parse_dtype, Extraction, KeywordModel};
+pub use pipeline::{Extraction, KeywordModel};
 pub use source::{ModelSource, DEFAULT_MODEL};
 pub use tokenizer::KoTokenizer;

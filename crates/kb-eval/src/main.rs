@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
+use kb_cli::model::{GenerationArgs, ModelArgs};
 use kb_core::data::Dataset;
 use kb_core::eval::{evaluate, normalize_keyword, Predictions, RowScore, Summary};
 use kb_core::keywords::{join_keywords, split_keywords};
 use kb_core::synonyms::Synonyms;
-use kb_core::{parse_device, parse_dtype, KeywordModel};
 use serde::Serialize;
 
 /// Score keyword extraction against a labelled TSV (`query` and `keyword` columns).
@@ -33,18 +32,26 @@ use serde::Serialize;
 ///   kb-eval --model runs/kobart_keyword --data data/test.tsv --num_beams 5 --report misses.tsv
 ///   kb-eval --data data/test.tsv --predictions pred.tsv --synonyms configs/synonyms.tsv --json
 #[derive(Debug, Parser)]
-#[command(name = "kb-eval", version, verbatim_doc_comment)]
+#[command(
+    name = "kb-eval",
+    version,
+    verbatim_doc_comment,
+    mut_arg("model", |a| a.required_unless_present("predictions"))
+)]
 struct Args {
     /// Labelled data: a TSV with `query` and `keyword` columns (keywords joined by ", ").
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
-    /// Model folder or Hugging Face hub id whose generated keywords are scored.
-    #[arg(long, value_name = "DIR", required_unless_present = "predictions")]
-    model: Option<String>,
     /// Score this predictions file instead of running a model: a TSV with a `query` column and a
     /// `keyword` (or `keywords`) column.
     #[arg(long, value_name = "FILE", conflicts_with = "model")]
     predictions: Option<PathBuf>,
+    /// The model whose generated keywords are scored (--model is required unless
+    /// --predictions is given).
+    #[command(flatten)]
+    model: ModelArgs,
+    #[command(flatten)]
+    generation: GenerationArgs,
     /// Synonyms file (`canonical<TAB>variant…` lines); scores are also given after mapping.
     #[arg(long, value_name = "FILE")]
     synonyms: Option<PathBuf>,
@@ -58,24 +65,10 @@ struct Args {
     /// Skip unreadable rows of --data (reported on stderr) instead of stopping.
     #[arg(long = "skip_bad_rows", alias = "skip-bad-rows")]
     skip_bad_rows: bool,
-    /// Beam count (1 = greedy). Default: the model folder's generation settings.
-    #[arg(long = "num_beams", alias = "num-beams")]
-    num_beams: Option<usize>,
-    /// Maximum decoder length, counting the decoder start token.
-    #[arg(long = "max_length", alias = "max-length")]
-    max_length: Option<usize>,
-    /// Truncate each query to at most this many tokens.
-    #[arg(long = "max_input_tokens", alias = "max-input-tokens")]
-    max_input_tokens: Option<usize>,
     /// Queries per generation batch (queries are grouped by token length).
-    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 16)]
+    #[arg(long = "batch_size", alias = "batch-size", default_value_t = 16,
+          value_parser = kb_cli::at_least_one())]
     batch_size: usize,
-    /// Weights dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
-    dtype: kb_core::candle_core::DType,
-    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: String,
 }
 
 /// Where the predictions came from.
@@ -113,6 +106,7 @@ struct Report {
 
 fn main() {
     kb_core::threads::fix_thread_count();
+    kb_cli::init_stderr_log("kb-eval");
     if let Err(e) = run(Args::parse()) {
         eprintln!("kb-eval: error: {e:#}");
         std::process::exit(1);
@@ -120,7 +114,6 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    anyhow::ensure!(args.batch_size > 0, "--batch_size must be at least 1");
     let data = Dataset::read_tsv(&args.data, args.skip_bad_rows)?;
     if let Some(s) = data.skipped_summary() {
         eprintln!("kb-eval: warning: {s}");
@@ -134,8 +127,8 @@ fn run(args: Args) -> Result<()> {
 
     let mut missing = 0;
     let mut unmatched = 0;
-    let (predicted, source) = match (&args.predictions, &args.model) {
-        (Some(path), _) => {
+    let (predicted, source) = match &args.predictions {
+        Some(path) => {
             let preds = Predictions::read_tsv(path)?;
             let mut out = Vec::with_capacity(gold.len());
             let mut missing_lines = Vec::new();
@@ -184,8 +177,7 @@ fn run(args: Args) -> Result<()> {
                 },
             )
         }
-        (None, Some(model)) => generate(&args, model, &data)?,
-        (None, None) => anyhow::bail!("give --model DIR or --predictions FILE (see --help)"),
+        None => generate(&args, &data)?,
     };
 
     let pairs = || {
@@ -237,36 +229,24 @@ fn first_few(lines: &[usize]) -> String {
 }
 
 /// Generates keywords for every data query with the model, in batches of similar length.
-fn generate(args: &Args, spec: &str, data: &Dataset) -> Result<(Vec<Vec<String>>, Source)> {
-    let device = parse_device(&args.device)?;
-    let model = KeywordModel::load(spec, args.dtype, &device)
+fn generate(args: &Args, data: &Dataset) -> Result<(Vec<Vec<String>>, Source)> {
+    let spec = args.model.spec();
+    let model = args
+        .model
+        .load()
         .with_context(|| format!("cannot load model {spec}"))?;
-    let note = model.report.summary();
-    if !note.is_empty() {
-        eprintln!("kb-eval: note: {note}");
-    }
-    let mut gen = model.generation.clone();
-    if let Some(v) = args.num_beams {
-        gen.num_beams = v;
-    }
-    if let Some(v) = args.max_length {
-        gen.max_length = v;
-        gen.max_new_tokens = None;
-    }
-    gen.validate()
-        .map_err(|(field, msg)| anyhow::anyhow!("--{field}: {msg}"))?;
+    let gen = args
+        .generation
+        .apply(&model.generation)
+        .map_err(anyhow::Error::msg)?;
 
     let queries: Vec<&str> = data.examples.iter().map(|e| e.query.as_str()).collect();
-    let bar = ProgressBar::new(queries.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} queries  {per_sec}  eta {eta}")
-            .expect("valid template"),
-    );
+    let bar = kb_cli::progress::query_bar(queries.len(), true);
     let out: Vec<Vec<String>> = model
         .extract_all(
             &queries,
             &gen,
-            args.max_input_tokens,
+            args.generation.max_input_tokens,
             args.batch_size,
             |n| bar.inc(n as u64),
         )?
@@ -295,17 +275,17 @@ fn write_report(
     let file =
         std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut w = std::io::BufWriter::new(file);
-    let clean = |s: &str| s.replace(['\t', '\n', '\r'], " ");
-    writeln!(w, "query\tgold\tpredicted\tmissed\textra")?;
+    kb_core::tsv::write_row(&mut w, &["query", "gold", "predicted", "missed", "extra"])?;
     for (i, row) in rows.iter().enumerate().filter(|(_, r)| !r.exact) {
-        writeln!(
-            w,
-            "{}\t{}\t{}\t{}\t{}",
-            clean(&data.examples[i].query),
-            clean(&join_keywords(&gold[i])),
-            clean(&join_keywords(&predicted[i])),
-            clean(&join_keywords(&row.missed)),
-            clean(&join_keywords(&row.extra)),
+        kb_core::tsv::write_row(
+            &mut w,
+            &[
+                data.examples[i].query.clone(),
+                join_keywords(&gold[i]),
+                join_keywords(&predicted[i]),
+                join_keywords(&row.missed),
+                join_keywords(&row.extra),
+            ],
         )?;
     }
     w.flush()
@@ -387,7 +367,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (a.num_beams, a.batch_size, a.max_input_tokens),
+            (
+                a.generation.num_beams,
+                a.batch_size,
+                a.generation.max_input_tokens
+            ),
             (Some(3), 4, Some(9))
         );
         assert!(Args::try_parse_from(["kb-eval", "--data", "d.tsv"]).is_err());

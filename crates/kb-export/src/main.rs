@@ -48,6 +48,7 @@ struct Args {
 }
 
 fn main() {
+    kb_cli::init_stderr_log("kb-export");
     if let Err(e) = run(Args::parse()) {
         eprintln!("kb-export: error: {e:#}");
         std::process::exit(1);

@@ -111,7 +111,7 @@ impl InProcessGroup {
     }
 
     fn aborted_error(reason: &str) -> Error {
-        Error::Invalid(format!("another training worker failed: {reason}"))
+        Error::PeerFailed(reason.to_string())
     }
 
     /// Deposits `mine`, waits for every rank, and returns the rank-ordered sum.

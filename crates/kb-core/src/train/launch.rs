@@ -4,14 +4,9 @@
 use candle_core::Device;
 
 use super::collective::{Collective, InProcessGroup, SingleWorker};
-use super::trainer::build_replica;
-use super::worker::{RunContext, Worker, WorkerOutcome};
+use super::run::{RunContext, WorkerOutcome};
+use super::worker::Worker;
 use crate::error::{Error, Result};
-
-/// Whether an error only reports that another worker failed (the root cause is elsewhere).
-fn is_secondary(e: &Error) -> bool {
-    e.to_string().starts_with("another training worker failed")
-}
 
 /// Runs `work(local_rank)` for every local worker, each on its own thread (rank 0 on this
 /// one), and returns rank 0's outcome or the first root-cause error.
@@ -38,23 +33,26 @@ where
         }
         results
     });
-    let mut first_err: Option<Error> = None;
     let mut outcome = None;
+    let mut root_cause: Option<Error> = None;
     for r in results {
         match r {
             Ok(o) => {
                 outcome.get_or_insert(o);
             }
+            // The first error, replaced by the first one that is not only a report of another
+            // worker's failure.
             Err(e) => {
-                if first_err.as_ref().is_none_or(is_secondary) && !is_secondary(&e)
-                    || first_err.is_none()
+                if root_cause
+                    .as_ref()
+                    .is_none_or(|first| first.is_peer_failure() && !e.is_peer_failure())
                 {
-                    first_err = Some(e);
+                    root_cause = Some(e);
                 }
             }
         }
     }
-    match first_err {
+    match root_cause {
         Some(e) => Err(e),
         None => Ok(outcome.expect("at least one worker")),
     }
@@ -67,7 +65,7 @@ fn run_worker_guarded<C: Collective>(
     device: Device,
 ) -> Result<WorkerOutcome> {
     let result = (|| {
-        let (trainable, optimizer) = build_replica(ctx.setup, ctx.settings, &device)?;
+        let (trainable, optimizer) = ctx.setup.replica(ctx.settings, &device)?;
         Worker::new(ctx, comm, device, trainable, optimizer)?.run()
     })();
     if let Err(e) = &result {

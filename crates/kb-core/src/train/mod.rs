@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod nccl;
 pub mod optim;
 pub mod rendezvous;
+mod run;
 pub mod scratch;
 pub mod settings;
 pub mod trainable;
@@ -18,6 +19,7 @@ pub use collective::{Collective, InProcessGroup, SingleWorker};
 pub use optim::{
     clip_coefficient, clip_grad_norm, linear_warmup_decay, warmup_steps, AdamW, AdamWConfig,
 };
+pub use run::{RunOptions, StepReport, TrainProgress};
 pub use settings::{Accelerator, InitMode, Precision, TrainSettings};
 pub use trainable::{masked_cross_entropy, Trainable};
-pub use trainer::{train, RunOptions, TrainOutcome};
+pub use trainer::{train, TrainOutcome};

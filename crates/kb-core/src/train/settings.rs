@@ -90,72 +90,108 @@ impl Precision {
 }
 
 /// Every training setting. Defaults are the original recipe's (`train.py`).
+///
+/// With the `cli` feature it is also a `clap::Args` group: every field is a `--field_name` flag
+/// (kb-train derives its flags from this type, see [`TrainSettings::overlay_flags`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(feature = "cli", command(rename_all = "snake_case"))]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainSettings {
     /// Pretrained model: folder or hub id.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub model: String,
     /// Weight initialisation.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub init: InitMode,
     /// `config.json` of the model to build with `init = "scratch"`.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
     pub model_config: Option<PathBuf>,
     /// Vocabulary size of the tokenizer trained with `init = "scratch"`.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub tokenizer_vocab_size: usize,
     /// Training TSV (`query`, `keyword`).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
     pub train_file: PathBuf,
     /// Validation TSV.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "FILE"))]
     pub test_file: PathBuf,
     /// Run folder: checkpoints under `model_chp/`, `metrics.jsonl`, `loss.svg`.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "DIR"))]
     pub checkpoint: PathBuf,
     /// Epochs.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub max_epochs: usize,
     /// Stop after this many optimizer steps in total (also sets the schedule's length).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub max_steps: Option<usize>,
     /// Rows per batch.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub batch_size: usize,
     /// Batches whose gradients are summed before each optimizer step.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub accumulate_grad_batches: usize,
     /// Peak learning rate.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub lr: f64,
     /// AdamW weight decay (not applied to biases).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub weight_decay: f64,
     /// Fraction of the steps spent warming the learning rate up from 0.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub warmup_ratio: f64,
     /// Clip gradients to this global norm (0 disables).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub gradient_clip_val: f64,
     /// Tokens kept of each query and keyword list.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub max_len: usize,
     /// Seed for initialisation, data order and dropout.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub seed: u64,
     /// Threads that tokenize and build batches ahead of the model.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub num_workers: usize,
     /// CPU or GPU.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub accelerator: Accelerator,
     /// GPUs per node to use with `accelerator = "gpu"` (one data-parallel worker each).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub num_gpus: usize,
     /// Which GPUs (CUDA ordinals) to use, e.g. `[0, 2]`; default the first `num_gpus`.
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_name = "IDS"))]
     pub devices: Option<Vec<usize>>,
     /// Data-parallel worker threads with `accelerator = "cpu"` (each trains on its shard of
     /// every global batch, gradients summed in process) — the CPU form of multi-GPU training.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub dp_workers: usize,
     /// Machines taking part in GPU training (each runs `kb-train` with its `node_rank`).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub num_nodes: usize,
     /// This machine's index among `num_nodes`, 0 being the one that writes checkpoints.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub node_rank: usize,
     /// How the nodes of a multi-node run find each other: `file:PATH` (a path on a filesystem
     /// they share) or `tcp:HOST:PORT` (node 0 listens there).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "SPEC"))]
     pub rendezvous: Option<String>,
     /// `32` or `bf16` (bf16 compute, f32 master weights).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub precision: Precision,
     /// Group rows of similar length into batches (less padding).
+    #[cfg_attr(feature = "cli", arg(long, action = clap::ArgAction::Set))]
     pub bucket: bool,
     /// Also validate every N optimizer steps (besides each epoch end).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub val_check_interval: Option<usize>,
     /// Checkpoints kept by validation loss.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub save_top_k: usize,
     /// Save `last` every N optimizer steps (besides each epoch end).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub save_every_n_steps: Option<usize>,
     /// Skip malformed data rows (reporting them) instead of stopping.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub skip_bad_rows: bool,
 }
 
@@ -346,6 +382,59 @@ impl TrainSettings {
     }
 }
 
+/// kb-train's flags, derived from [`TrainSettings`]' fields (`cli` feature).
+#[cfg(feature = "cli")]
+impl TrainSettings {
+    /// Makes `cmd` — a command that flattens this group — usable as an overlay on a recipe:
+    /// every settings flag becomes optional, shows the recipe default in `--help`, and accepts a
+    /// kebab-case alias (`--max-epochs`) besides its snake_case name (`--max_epochs`, the
+    /// original `train.py` spelling).
+    pub fn prepare_command(cmd: clap::Command) -> clap::Command {
+        let defaults = serde_json::to_value(Self::default()).expect("settings serialise");
+        cmd.mut_args(|arg| {
+            let id = arg.get_id().as_str().to_string();
+            let mut arg = arg;
+            if let Some(long) = arg.get_long().filter(|l| l.contains('_')) {
+                let kebab: &'static str = Box::leak(long.replace('_', "-").into_boxed_str());
+                arg = arg.alias(kebab);
+            }
+            let takes_value = matches!(
+                arg.get_action(),
+                clap::ArgAction::Set | clap::ArgAction::Append
+            );
+            match defaults.get(&id) {
+                Some(v) if takes_value && !v.is_null() && !v.is_array() => {
+                    let text = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    let text: &'static str = Box::leak(text.into_boxed_str());
+                    arg.required(false).default_value(text)
+                }
+                _ => arg,
+            }
+        })
+    }
+
+    /// `base` (the recipe's defaults or a `--config` file) with the settings flags given on the
+    /// command line applied; `matches` come from a command made by
+    /// [`TrainSettings::prepare_command`].
+    pub fn overlay_flags(base: &Self, matches: &clap::ArgMatches) -> Result<Self> {
+        use clap::FromArgMatches;
+        let flags = Self::from_arg_matches(matches).map_err(|e| Error::Invalid(e.to_string()))?;
+        let flags = serde_json::to_value(flags).expect("settings serialise");
+        let mut merged = serde_json::to_value(base).expect("settings serialise");
+        if let (Some(merged), Some(flags)) = (merged.as_object_mut(), flags.as_object()) {
+            for (name, value) in flags {
+                if matches.value_source(name) == Some(clap::parser::ValueSource::CommandLine) {
+                    merged.insert(name.clone(), value.clone());
+                }
+            }
+        }
+        serde_json::from_value(merged).map_err(|e| Error::Invalid(format!("settings: {e}")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,5 +460,57 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("learning_rate"), "{e}");
+    }
+
+    #[cfg(feature = "cli")]
+    #[test]
+    fn flags_overlay_the_recipe() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: TrainSettings,
+        }
+        use clap::CommandFactory;
+        let cmd = TrainSettings::prepare_command(Cli::command());
+        cmd.clone().debug_assert();
+        let recipe = TrainSettings {
+            max_epochs: 12,
+            lr: 1e-3,
+            ..TrainSettings::default()
+        };
+        let m = cmd
+            .clone()
+            .try_get_matches_from([
+                "kb-train",
+                "--max-epochs",
+                "3",
+                "--bucket",
+                "false",
+                "--devices",
+                "0,2",
+                "--skip_bad_rows",
+                "--precision",
+                "bf16",
+            ])
+            .unwrap();
+        let s = TrainSettings::overlay_flags(&recipe, &m).unwrap();
+        assert_eq!(s.max_epochs, 3);
+        assert_eq!(s.lr, 1e-3, "a flag not given keeps the recipe's value");
+        assert!(!s.bucket && s.skip_bad_rows);
+        assert_eq!(s.devices, Some(vec![0, 2]));
+        assert_eq!(s.precision, Precision::Bf16);
+        let none = cmd.clone().try_get_matches_from(["kb-train"]).unwrap();
+        assert_eq!(
+            TrainSettings::overlay_flags(&recipe, &none).unwrap(),
+            recipe
+        );
+        let help = cmd.clone().render_long_help().to_string();
+        assert!(
+            help.contains("--warmup_ratio") && help.contains("[default: 0.1]"),
+            "{help}"
+        );
+        assert!(cmd
+            .try_get_matches_from(["kb-train", "--precision", "16"])
+            .is_err());
     }
 }

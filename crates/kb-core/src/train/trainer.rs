@@ -2,35 +2,23 @@
 //! accumulation, validation each epoch, top-k checkpoints by val_loss) with exact resume —
 //! settings, data and initial weights here; the loop itself in the worker module.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 use super::checkpoint::{find_last, read_checkpoint, RankedCheckpoint, TrainerState};
 use super::launch::{run_cpu_workers, run_gpu_workers};
-use super::optim::{warmup_steps, AdamW, AdamWConfig};
+use super::optim::warmup_steps;
+use super::run::{RunContext, RunOptions, Setup};
 use super::scratch::{scratch_config, train_tokenizer};
 use super::settings::{Accelerator, InitMode, TrainSettings};
 use super::trainable::Trainable;
-use super::worker::RunContext;
 use crate::data::{encode_examples, Dataset, Encoded};
 use crate::error::{Error, Result};
 use crate::generation::{EarlyStopping, GenerationConfig};
 use crate::source::ModelSource;
 use crate::tokenizer::KoTokenizer;
 use crate::weights::{load_checked, WeightFiles};
-
-/// Options of one invocation that are not part of the recipe.
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    /// Continue from this checkpoint folder (its saved settings are used).
-    pub resume: Option<PathBuf>,
-    /// Stop, saving `last`, after this many optimizer steps of this invocation.
-    pub stop_after: Option<usize>,
-    /// Draw progress bars on the terminal.
-    pub progress: bool,
-}
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -82,18 +70,6 @@ fn check_accelerator(settings: &TrainSettings) -> Result<()> {
     Ok(())
 }
 
-/// Everything a run starts from, on the CPU; each worker copies it to its device.
-pub(crate) struct Setup {
-    pub(crate) config: crate::BartConfig,
-    pub(crate) tensors: HashMap<String, Tensor>,
-    /// Optimizer steps taken and moments (`exp_avg.NAME`, `exp_avg_sq.NAME`), when resuming.
-    pub(crate) moments: Option<(usize, HashMap<String, Tensor>)>,
-    pub(crate) tokenizer: KoTokenizer,
-    pub(crate) config_json: serde_json::Value,
-    pub(crate) generation: GenerationConfig,
-    pub(crate) state: Option<TrainerState>,
-}
-
 fn fresh_setup(settings: &TrainSettings, train: &Dataset) -> Result<Setup> {
     let host = Device::Cpu;
     let (config, tensors, tokenizer, config_json) = match settings.init {
@@ -117,7 +93,7 @@ fn fresh_setup(settings: &TrainSettings, train: &Dataset) -> Result<Setup> {
             )?;
             let note = report.summary();
             if !note.is_empty() {
-                eprintln!("kb-train: {note}");
+                tracing::warn!("{note}");
             }
             // load_checked has checked every expected tensor; each worker's replica copies them.
             (cfg, tensors, tokenizer, config_json)
@@ -156,40 +132,6 @@ fn resumed_setup(dir: &Path) -> Result<Setup> {
     })
 }
 
-/// One worker's model and optimizer on `device`, identical on every worker.
-pub(crate) fn build_replica(
-    setup: &Setup,
-    settings: &TrainSettings,
-    device: &Device,
-) -> Result<(Trainable, AdamW)> {
-    let mut trainable = Trainable::from_tensors(&setup.config, setup.tensors.clone(), device)?;
-    trainable.set_compute_dtype(&setup.config, settings.precision.compute_dtype())?;
-    let mut optimizer = AdamW::new(
-        trainable.parameters(),
-        AdamWConfig {
-            lr: settings.lr,
-            weight_decay: settings.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    if let Some((step, moments)) = &setup.moments {
-        optimizer.step = *step;
-        for p in &mut optimizer.params {
-            let get = |k: String| -> Result<Tensor> {
-                let t = moments.get(&k).ok_or_else(|| {
-                    Error::Invalid(format!("the checkpoint's optimizer.safetensors lacks {k}"))
-                })?;
-                // A copy of its own: the CPU optimizer updates moments in place, and on the
-                // same device `to_device` would share the buffer with every other worker.
-                Ok(t.to_device(device)?.copy()?)
-            };
-            p.exp_avg = get(format!("exp_avg.{}", p.name))?;
-            p.exp_avg_sq = get(format!("exp_avg_sq.{}", p.name))?;
-        }
-    }
-    Ok((trainable, optimizer))
-}
-
 /// Resolves `--resume` given as a run folder or a checkpoint folder.
 pub fn resolve_resume(path: &Path) -> Result<PathBuf> {
     if path.join("trainer_state.json").is_file() {
@@ -219,99 +161,29 @@ fn encode_with_workers(
 
 /// Runs (or resumes) training as `settings` describe.
 pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutcome> {
-    let (resumed, settings) = match &options.resume {
-        Some(path) => {
-            let dir = resolve_resume(path)?;
-            let mut saved = read_checkpoint_settings(&dir)?;
-            saved.num_workers = settings.num_workers;
-            if settings.devices.as_ref().map(Vec::len) == Some(saved.local_workers()) {
-                saved.devices = settings.devices.clone();
-            }
-            check_accelerator(&saved)?;
-            eprintln!(
-                "kb-train: resuming from {} with its saved settings",
-                dir.display()
-            );
-            (Some(resumed_setup(&dir)?), saved)
-        }
-        None => {
-            settings
-                .validate()
-                .map_err(|(f, m)| Error::Invalid(format!("--{f}: {m}")))?;
-            check_accelerator(settings)?;
-            (None, settings.clone())
-        }
-    };
-    let train_ds = Dataset::read_tsv(&settings.train_file, settings.skip_bad_rows)?;
-    let val_ds = Dataset::read_tsv(&settings.test_file, settings.skip_bad_rows)?;
-    for ds in [&train_ds, &val_ds] {
-        if let Some(s) = ds.skipped_summary() {
-            eprintln!("kb-train: {s}");
-        }
-    }
+    let (settings, resumed) = effective_settings(settings, options)?;
+    let train_ds = read_dataset(&settings.train_file, settings.skip_bad_rows)?;
+    let val_ds = read_dataset(&settings.test_file, settings.skip_bad_rows)?;
     let mut setup = match resumed {
         Some(setup) => setup,
         None => fresh_setup(&settings, &train_ds)?,
     };
-    let train_data = encode_with_workers(
-        &setup.tokenizer,
-        &train_ds,
-        settings.max_len,
-        settings.num_workers,
-    )?;
-    let val_data = encode_with_workers(
-        &setup.tokenizer,
-        &val_ds,
-        settings.max_len,
-        settings.num_workers,
-    )?;
-    let pad = setup.tokenizer.special().pad;
+    let encode =
+        |ds| encode_with_workers(&setup.tokenizer, ds, settings.max_len, settings.num_workers);
+    let (train_data, val_data) = (encode(&train_ds)?, encode(&val_ds)?);
     let lengths: Vec<usize> = train_data
         .iter()
         .map(|e| e.input_ids.len() + e.labels.len())
         .collect();
-    let world = settings.world_size();
-    let global_batch = settings.batch_size * world;
-    let batches_per_epoch = train_data.len().div_ceil(global_batch);
-    let steps_per_epoch = batches_per_epoch.div_ceil(settings.accumulate_grad_batches);
-    let total_steps = settings
-        .max_steps
-        .unwrap_or(steps_per_epoch * settings.max_epochs);
-    let state = setup.state.take().unwrap_or(TrainerState {
-        format: TrainerState::FORMAT,
-        global_step: 0,
-        epoch: 0,
-        batches_done: 0,
-        total_steps,
-        warmup_steps: warmup_steps(total_steps, settings.warmup_ratio),
-        best: Vec::new(),
-        val_loss: None,
-        elapsed_s: 0.0,
-    });
+    let state = match setup.state.take() {
+        Some(state) => state,
+        None => initial_state(&settings, train_data.len()),
+    };
     let run = settings.checkpoint.clone();
     let chp = run.join("model_chp");
-    let writes = settings.node_rank == 0;
-    if writes {
+    if settings.node_rank == 0 {
         std::fs::create_dir_all(&chp).map_err(|e| Error::io(&chp, e))?;
-        let workers = match settings.accelerator {
-            Accelerator::Cpu if world > 1 => format!(", {world} CPU workers"),
-            Accelerator::Cpu => String::new(),
-            Accelerator::Gpu => format!(
-                ", {world} GPU worker(s) (GPUs {:?} on each of {} node(s))",
-                settings.local_devices(),
-                settings.num_nodes
-            ),
-        };
-        eprintln!(
-            "kb-train: {} training rows, {} validation rows; {} global batches of {} per epoch, {} optimizer steps ({} warmup){workers}, precision {:?}",
-            train_data.len(),
-            val_data.len(),
-            batches_per_epoch,
-            global_batch,
-            state.total_steps,
-            state.warmup_steps,
-            settings.precision,
-        );
+        announce(&settings, &state, train_data.len(), val_data.len());
     }
     let ctx = RunContext {
         settings: &settings,
@@ -319,7 +191,7 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         train_data: &train_data,
         val_data: &val_data,
         lengths: &lengths,
-        pad,
+        pad: setup.tokenizer.special().pad,
         run: &run,
         chp: &chp,
         setup: &setup,
@@ -339,6 +211,89 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         elapsed_s: done.state.elapsed_s,
         run_dir: run,
     })
+}
+
+/// The settings a run uses — the checkpoint's saved ones when resuming (with this machine's
+/// `num_workers` and `devices`), else `settings` checked — and, when resuming, its setup.
+fn effective_settings(
+    settings: &TrainSettings,
+    options: &RunOptions,
+) -> Result<(TrainSettings, Option<Setup>)> {
+    let Some(path) = &options.resume else {
+        settings
+            .validate()
+            .map_err(|(f, m)| Error::Invalid(format!("--{f}: {m}")))?;
+        check_accelerator(settings)?;
+        return Ok((settings.clone(), None));
+    };
+    let dir = resolve_resume(path)?;
+    let mut saved = read_checkpoint_settings(&dir)?;
+    saved.num_workers = settings.num_workers;
+    if settings.devices.as_ref().map(Vec::len) == Some(saved.local_workers()) {
+        saved.devices = settings.devices.clone();
+    }
+    check_accelerator(&saved)?;
+    tracing::info!("resuming from {} with its saved settings", dir.display());
+    Ok((saved, Some(resumed_setup(&dir)?)))
+}
+
+/// Reads a data file, reporting the rows skipped with `skip_bad_rows`.
+fn read_dataset(path: &Path, skip_bad_rows: bool) -> Result<Dataset> {
+    let ds = Dataset::read_tsv(path, skip_bad_rows)?;
+    if let Some(s) = ds.skipped_summary() {
+        tracing::warn!("{s}");
+    }
+    Ok(ds)
+}
+
+/// The trainer state of a new run over `rows` training rows: the schedule's length and warmup.
+fn initial_state(settings: &TrainSettings, rows: usize) -> TrainerState {
+    let total_steps = settings
+        .max_steps
+        .unwrap_or(steps_per_epoch(settings, rows) * settings.max_epochs);
+    TrainerState {
+        format: TrainerState::FORMAT,
+        global_step: 0,
+        epoch: 0,
+        batches_done: 0,
+        total_steps,
+        warmup_steps: warmup_steps(total_steps, settings.warmup_ratio),
+        best: Vec::new(),
+        val_loss: None,
+        elapsed_s: 0.0,
+    }
+}
+
+/// Global batches of `batch_size × workers` rows per epoch over `rows` rows.
+fn batches_per_epoch(settings: &TrainSettings, rows: usize) -> usize {
+    rows.div_ceil(settings.batch_size * settings.world_size())
+}
+
+/// Optimizer steps per epoch over `rows` rows.
+fn steps_per_epoch(settings: &TrainSettings, rows: usize) -> usize {
+    batches_per_epoch(settings, rows).div_ceil(settings.accumulate_grad_batches)
+}
+
+/// The one line that says what the run will do.
+fn announce(settings: &TrainSettings, state: &TrainerState, train_rows: usize, val_rows: usize) {
+    let world = settings.world_size();
+    let workers = match settings.accelerator {
+        Accelerator::Cpu if world > 1 => format!(", {world} CPU workers"),
+        Accelerator::Cpu => String::new(),
+        Accelerator::Gpu => format!(
+            ", {world} GPU worker(s) (GPUs {:?} on each of {} node(s))",
+            settings.local_devices(),
+            settings.num_nodes
+        ),
+    };
+    tracing::info!(
+        "{train_rows} training rows, {val_rows} validation rows; {} global batches of {} per epoch, {} optimizer steps ({} warmup){workers}, precision {:?}",
+        batches_per_epoch(settings, train_rows),
+        settings.batch_size * world,
+        state.total_steps,
+        state.warmup_steps,
+        settings.precision,
+    );
 }
 
 fn read_checkpoint_settings(dir: &Path) -> Result<TrainSettings> {

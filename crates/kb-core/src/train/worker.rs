@@ -1,13 +1,11 @@
 //! One data-parallel training worker: a model replica, its optimizer and the loop over its
 //! shard of every global batch (the whole batch when there is one worker). Worker 0 also writes
-//! checkpoints, metrics, the loss plot and the progress bar.
+//! checkpoints, metrics and the loss plot, and reports progress.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 
 use super::checkpoint::{
     checkpoint_name, write_checkpoint, CheckpointData, RankedCheckpoint, TrainerState,
@@ -15,9 +13,8 @@ use super::checkpoint::{
 use super::collective::Collective;
 use super::metrics::{plot_losses, read_metrics, MetricRecord, MetricsLog};
 use super::optim::{clip_coefficient, linear_warmup_decay, AdamW};
-use super::settings::TrainSettings;
+use super::run::{RunContext, StepReport, TrainProgress, WorkerOutcome};
 use super::trainable::Trainable;
-use super::trainer::{RunOptions, Setup};
 use crate::data::{epoch_batches, Batch, Encoded};
 use crate::error::{Error, Result};
 use crate::model::{DropoutRng, Pass};
@@ -28,27 +25,6 @@ pub fn shard_range(len: usize, rank: usize, world: usize) -> std::ops::Range<usi
     let per = len.div_ceil(world.max(1)).max(1);
     let start = (rank * per).min(len);
     start..((rank + 1) * per).min(len)
-}
-
-/// What every worker of a run reads.
-pub(crate) struct RunContext<'a> {
-    pub(crate) settings: &'a TrainSettings,
-    pub(crate) options: &'a RunOptions,
-    pub(crate) train_data: &'a [Encoded],
-    pub(crate) val_data: &'a [Encoded],
-    pub(crate) lengths: &'a [usize],
-    pub(crate) pad: u32,
-    pub(crate) run: &'a Path,
-    pub(crate) chp: &'a Path,
-    pub(crate) setup: &'a Setup,
-    pub(crate) initial_state: TrainerState,
-}
-
-/// How one worker's training ended.
-pub(crate) struct WorkerOutcome {
-    pub(crate) state: TrainerState,
-    pub(crate) last_train_loss: Option<f64>,
-    pub(crate) interrupted: bool,
 }
 
 /// One micro-batch as a worker sees it: its shard and the size of the whole global batch.
@@ -64,7 +40,7 @@ struct Shard {
 }
 
 /// One data-parallel worker: a model replica, its optimizer, and the loop. Worker 0 also writes
-/// checkpoints, metrics, the loss plot and the progress bar.
+/// checkpoints, metrics and the loss plot, and reports progress.
 pub(crate) struct Worker<'a, C: Collective> {
     ctx: &'a RunContext<'a>,
     comm: &'a C,
@@ -290,8 +266,8 @@ impl<'a, C: Collective> Worker<'a, C> {
             };
             let val = self.evaluate(!finished_epoch, next)?;
             if self.writes() {
-                eprintln!(
-                    "kb-train: epoch {} step {}/{}: train_loss {:.4}, val_loss {val:.4}",
+                tracing::info!(
+                    "epoch {} step {}/{}: train_loss {:.4}, val_loss {val:.4}",
                     epoch,
                     self.state.global_step,
                     self.state.total_steps,
@@ -335,19 +311,15 @@ impl<'a, C: Collective> Worker<'a, C> {
         let ctx = self.ctx;
         let settings = ctx.settings;
         let plan = self.global_plan(epoch);
-        let bar = if ctx.options.progress && self.writes() {
-            ProgressBar::new(plan.len() as u64)
-        } else {
-            ProgressBar::hidden()
-        };
-        bar.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} {bar:30} {pos}/{len} batches  {msg}  eta {eta}",
-            )
-            .expect("valid template"),
-        );
-        bar.set_prefix(format!("{}/{}", epoch + 1, settings.max_epochs));
-        bar.set_position(self.state.batches_done as u64);
+        let progress = self.progress();
+        if let Some(p) = progress {
+            p.epoch_started(
+                epoch,
+                settings.max_epochs,
+                plan.len(),
+                self.state.batches_done,
+            );
+        }
         let start_batch = self.state.batches_done;
         let todo: Vec<Vec<usize>> = plan[start_batch..].to_vec();
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
@@ -359,206 +331,285 @@ impl<'a, C: Collective> Worker<'a, C> {
         std::thread::scope(|scope| {
             scope.spawn(move || {
                 for global in todo {
-                    let mine = &global[shard_range(global.len(), rank, world)];
-                    let shard = (|| {
-                        let items: Vec<&Encoded> = mine.iter().map(|&i| &data[i]).collect();
-                        Ok(Shard {
-                            batch: if items.is_empty() {
-                                None
-                            } else {
-                                Some(Batch::build(&items, pad, &Device::Cpu)?)
-                            },
-                            global_label_tokens: global
-                                .iter()
-                                .map(|&i| data[i].label_tokens())
-                                .sum(),
-                            global_tokens: global
-                                .iter()
-                                .map(|&i| data[i].input_ids.len() + data[i].decoder_input_ids.len())
-                                .sum(),
-                            global_rows: global.len(),
-                        })
-                    })();
-                    if tx.send(shard).is_err() {
+                    if tx
+                        .send(Shard::build(data, &global, rank, world, pad))
+                        .is_err()
+                    {
                         break;
                     }
                 }
             });
             // `rx` moves into the consumer so it is dropped on every exit path: an early return
             // (stop_after, an error) then unblocks the producer instead of deadlocking the scope.
-            outcome = self.consume(rx, epoch, start_batch, plan.len(), &bar);
+            outcome = self.consume(rx, epoch, start_batch, plan.len());
         });
-        bar.finish_and_clear();
+        if let Some(p) = progress {
+            p.epoch_finished();
+        }
         outcome
     }
 
+    /// The progress observer, on the worker that reports.
+    fn progress(&self) -> Option<&'a dyn TrainProgress> {
+        let ctx: &'a RunContext<'a> = self.ctx;
+        ctx.options.progress.as_deref().filter(|_| self.writes())
+    }
+
+    /// Trains on the shards `rx` delivers (batches `start_batch..plan_len` of `epoch`), one
+    /// optimizer step per `accumulate_grad_batches` of them; returns whether `stop_after`
+    /// interrupted the run mid-epoch.
     fn consume(
         &mut self,
         rx: std::sync::mpsc::Receiver<Result<Shard>>,
         epoch: usize,
         start_batch: usize,
         plan_len: usize,
-        bar: &ProgressBar,
     ) -> Result<bool> {
-        let ctx = self.ctx;
-        let settings = ctx.settings;
-        let accumulate = settings.accumulate_grad_batches;
-        let (rank, world) = (self.comm.rank(), self.comm.world_size());
-        let mut acc: Option<HashMap<String, Tensor>> = None;
-        let mut group_losses = Vec::new();
-        let mut group_tokens = 0usize;
-        let mut group_rows = 0usize;
-        let mut group_clock = Instant::now();
+        let accumulate = self.ctx.settings.accumulate_grad_batches;
+        let mut step = StepAccumulator::new();
         for (offset, shard) in rx.into_iter().enumerate() {
-            let shard = shard?;
             let batch_index = start_batch + offset;
-            let micro = batch_index % accumulate;
-            let mut local = [0.0f64];
-            let mut shard_loss = None;
-            if let Some(batch) = shard.batch {
-                let batch = if self.device.is_cpu() {
-                    batch
-                } else {
-                    to_device(batch, &self.device)?
-                };
-                let rng = DropoutRng::new(
-                    settings.seed
-                        ^ ((self.state.global_step as u64) << 20)
-                        ^ micro as u64
-                        ^ ((rank as u64) << 40),
-                );
-                let loss = self.trainable.loss(
-                    &batch,
-                    Pass::Training {
-                        dropout: Some(&rng),
-                    },
-                )?;
-                let mean = loss.to_scalar::<f32>()? as f64;
-                local[0] = mean * batch.label_tokens as f64;
-                // This shard's share of the global batch's token-mean loss.
-                let share = batch.label_tokens as f64 / shard.global_label_tokens as f64;
-                shard_loss = Some((loss, share, mean));
-            }
-            let value = if world == 1 {
-                shard_loss.as_ref().map(|s| s.2).unwrap_or(f64::NAN)
-            } else {
-                self.comm.all_reduce_f64(&mut local)?;
-                local[0] / shard.global_label_tokens.max(1) as f64
-            };
-            if !value.is_finite() {
-                return Err(Error::Invalid(format!(
-                    "non-finite training loss ({value}) at step {} (epoch {}, batch {batch_index}); stopping. The last good checkpoint is {}",
-                    self.state.global_step + 1,
-                    epoch,
-                    ctx.chp.join("last").display()
-                )));
-            }
-            if let Some((loss, share, _)) = shard_loss {
-                let mut scaled = loss;
-                if share != 1.0 {
-                    scaled = (scaled * share)?;
-                }
-                if accumulate != 1 {
-                    scaled = (scaled / accumulate as f64)?;
-                }
-                let grads = self.trainable.gradients(&scaled)?;
-                acc = Some(match acc.take() {
-                    None => grads,
-                    Some(mut a) => {
-                        for (k, g) in grads {
-                            let sum = match a.remove(&k) {
-                                Some(prev) => (prev + g)?,
-                                None => g,
-                            };
-                            a.insert(k, sum);
-                        }
-                        a
-                    }
-                });
-            }
-            group_losses.push(value);
-            group_tokens += shard.global_tokens;
-            group_rows += shard.global_rows;
+            self.train_micro_batch(shard?, epoch, batch_index, &mut step)?;
             self.state.batches_done = batch_index + 1;
-            bar.set_position(self.state.batches_done as u64);
-            let end_of_group = micro + 1 == accumulate || self.state.batches_done == plan_len;
-            if !end_of_group {
+            if let Some(p) = self.progress() {
+                p.batches_done(self.state.batches_done);
+            }
+            let end_of_step =
+                (batch_index + 1) % accumulate == 0 || self.state.batches_done == plan_len;
+            if !end_of_step {
                 continue;
             }
-            let grads = self.all_reduce_gradients(acc.take().unwrap_or_default())?;
-            let grad_scale = if settings.gradient_clip_val > 0.0 {
-                clip_coefficient(&grads, settings.gradient_clip_val)?.0
-            } else {
-                1.0
-            };
-            let lr = settings.lr
-                * linear_warmup_decay(
-                    self.state.global_step,
-                    self.state.warmup_steps,
-                    self.state.total_steps,
-                );
-            self.optimizer.step_scaled(&grads, lr, grad_scale)?;
-            self.trainable.sync_compute_copy()?;
-            self.state.global_step += 1;
-            self.steps_this_run += 1;
-            let train_loss = group_losses.iter().sum::<f64>() / group_losses.len() as f64;
-            self.last_train_loss = Some(train_loss);
-            let secs = group_clock.elapsed().as_secs_f64().max(1e-9);
-            let tps = group_tokens as f64 / secs;
-            let time = self.now();
-            if let Some(metrics) = &mut self.metrics {
-                metrics.write(&MetricRecord {
-                    step: self.state.global_step,
-                    epoch,
-                    train_loss: Some(train_loss),
-                    val_loss: None,
-                    lr: Some(lr),
-                    tokens_per_s: Some(tps),
-                    time,
-                })?;
-            }
-            bar.set_message(format!(
-                "loss {train_loss:.4}  lr {lr:.2e}  {:.1} rows/s  {tps:.0} tok/s",
-                group_rows as f64 / secs
-            ));
-            group_losses.clear();
-            group_tokens = 0;
-            group_rows = 0;
-            group_clock = Instant::now();
-
-            let at_end = self.state.global_step >= self.state.total_steps;
-            if let Some(n) = settings.val_check_interval {
-                if self.state.global_step.is_multiple_of(n)
-                    && self.state.batches_done < plan_len
-                    && !at_end
-                {
-                    let here = (self.state.epoch, self.state.batches_done);
-                    self.evaluate(true, here)?;
-                }
-            }
-            if let Some(n) = settings.save_every_n_steps {
-                if self.state.global_step.is_multiple_of(n) && self.state.batches_done < plan_len {
-                    self.state.elapsed_s = self.now();
-                    self.save("last")?;
-                }
-            }
-            if at_end {
-                return Ok(false);
-            }
-            if ctx
-                .options
-                .stop_after
-                .is_some_and(|n| self.steps_this_run >= n)
-            {
-                if self.state.batches_done < plan_len {
-                    self.state.elapsed_s = self.now();
-                    self.save("last")?;
-                    return Ok(true);
-                }
-                return Ok(false); // the epoch end validates and saves, then stops
+            self.optimizer_step(epoch, std::mem::replace(&mut step, StepAccumulator::new()))?;
+            if let Some(interrupted) = self.after_step(plan_len)? {
+                return Ok(interrupted);
             }
         }
         Ok(false)
+    }
+
+    /// Forward and backward pass of this worker's shard of global batch `batch_index`: the
+    /// shard's gradients (scaled to its share of the global batch's token-mean loss) are added
+    /// to `step`, and the global batch's loss is recorded. A non-finite loss stops the run.
+    fn train_micro_batch(
+        &mut self,
+        shard: Shard,
+        epoch: usize,
+        batch_index: usize,
+        step: &mut StepAccumulator,
+    ) -> Result<()> {
+        let settings = self.ctx.settings;
+        let accumulate = settings.accumulate_grad_batches;
+        let micro = batch_index % accumulate;
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let mut local = [0.0f64];
+        let mut shard_loss = None;
+        if let Some(batch) = shard.batch {
+            let batch = if self.device.is_cpu() {
+                batch
+            } else {
+                to_device(batch, &self.device)?
+            };
+            let rng = DropoutRng::new(
+                settings.seed
+                    ^ ((self.state.global_step as u64) << 20)
+                    ^ micro as u64
+                    ^ ((rank as u64) << 40),
+            );
+            let loss = self.trainable.loss(
+                &batch,
+                Pass::Training {
+                    dropout: Some(&rng),
+                },
+            )?;
+            let mean = loss.to_scalar::<f32>()? as f64;
+            local[0] = mean * batch.label_tokens as f64;
+            // This shard's share of the global batch's token-mean loss.
+            let share = batch.label_tokens as f64 / shard.global_label_tokens as f64;
+            shard_loss = Some((loss, share, mean));
+        }
+        let value = if world == 1 {
+            shard_loss.as_ref().map(|s| s.2).unwrap_or(f64::NAN)
+        } else {
+            self.comm.all_reduce_f64(&mut local)?;
+            local[0] / shard.global_label_tokens.max(1) as f64
+        };
+        if !value.is_finite() {
+            return Err(Error::Invalid(format!(
+                "non-finite training loss ({value}) at step {} (epoch {}, batch {batch_index}); stopping. The last good checkpoint is {}",
+                self.state.global_step + 1,
+                epoch,
+                self.ctx.chp.join("last").display()
+            )));
+        }
+        if let Some((loss, share, _)) = shard_loss {
+            let mut scaled = loss;
+            if share != 1.0 {
+                scaled = (scaled * share)?;
+            }
+            if accumulate != 1 {
+                scaled = (scaled / accumulate as f64)?;
+            }
+            step.add_gradients(self.trainable.gradients(&scaled)?)?;
+        }
+        step.losses.push(value);
+        step.tokens += shard.global_tokens;
+        step.rows += shard.global_rows;
+        Ok(())
+    }
+
+    /// Sums the gradients over workers, clips them, applies AdamW at the scheduled learning
+    /// rate, and records the step (metrics, progress).
+    fn optimizer_step(&mut self, epoch: usize, step: StepAccumulator) -> Result<()> {
+        let settings = self.ctx.settings;
+        let grads = self.all_reduce_gradients(step.grads.unwrap_or_default())?;
+        let grad_scale = if settings.gradient_clip_val > 0.0 {
+            clip_coefficient(&grads, settings.gradient_clip_val)?.0
+        } else {
+            1.0
+        };
+        let lr = settings.lr
+            * linear_warmup_decay(
+                self.state.global_step,
+                self.state.warmup_steps,
+                self.state.total_steps,
+            );
+        self.optimizer.step_scaled(&grads, lr, grad_scale)?;
+        self.trainable.sync_compute_copy()?;
+        self.state.global_step += 1;
+        self.steps_this_run += 1;
+        let train_loss = step.losses.iter().sum::<f64>() / step.losses.len() as f64;
+        self.last_train_loss = Some(train_loss);
+        let secs = step.clock.elapsed().as_secs_f64().max(1e-9);
+        let tokens_per_s = step.tokens as f64 / secs;
+        let time = self.now();
+        if let Some(metrics) = &mut self.metrics {
+            metrics.write(&MetricRecord {
+                step: self.state.global_step,
+                epoch,
+                train_loss: Some(train_loss),
+                val_loss: None,
+                lr: Some(lr),
+                tokens_per_s: Some(tokens_per_s),
+                time,
+            })?;
+        }
+        if let Some(p) = self.progress() {
+            p.step(&StepReport {
+                global_step: self.state.global_step,
+                train_loss,
+                lr,
+                rows_per_s: step.rows as f64 / secs,
+                tokens_per_s,
+            });
+        }
+        Ok(())
+    }
+
+    /// What follows an optimizer step: a mid-epoch validation or `last` save when their
+    /// interval comes, and the end of the schedule or of `stop_after`. `Some(interrupted)` ends
+    /// the epoch's loop (`true`: stopped mid-epoch with `last` saved).
+    fn after_step(&mut self, plan_len: usize) -> Result<Option<bool>> {
+        let settings = self.ctx.settings;
+        let mid_epoch = self.state.batches_done < plan_len;
+        let at_end = self.state.global_step >= self.state.total_steps;
+        let step = self.state.global_step;
+        if let Some(n) = settings.val_check_interval {
+            if step.is_multiple_of(n) && mid_epoch && !at_end {
+                let here = (self.state.epoch, self.state.batches_done);
+                self.evaluate(true, here)?;
+            }
+        }
+        if let Some(n) = settings.save_every_n_steps {
+            if step.is_multiple_of(n) && mid_epoch {
+                self.state.elapsed_s = self.now();
+                self.save("last")?;
+            }
+        }
+        if at_end {
+            return Ok(Some(false));
+        }
+        if self
+            .ctx
+            .options
+            .stop_after
+            .is_some_and(|n| self.steps_this_run >= n)
+        {
+            if mid_epoch {
+                self.state.elapsed_s = self.now();
+                self.save("last")?;
+                return Ok(Some(true));
+            }
+            return Ok(Some(false)); // the epoch end validates and saves, then stops
+        }
+        Ok(None)
+    }
+}
+
+/// What one optimizer step gathers over its micro-batches.
+struct StepAccumulator {
+    /// Sum of the micro-batches' gradients by parameter name (`None` before the first).
+    grads: Option<HashMap<String, Tensor>>,
+    /// Each global batch's loss.
+    losses: Vec<f64>,
+    /// Encoder plus decoder tokens of the global batches.
+    tokens: usize,
+    /// Rows of the global batches.
+    rows: usize,
+    /// Started with the step's first micro-batch.
+    clock: Instant,
+}
+
+impl StepAccumulator {
+    fn new() -> Self {
+        Self {
+            grads: None,
+            losses: Vec::new(),
+            tokens: 0,
+            rows: 0,
+            clock: Instant::now(),
+        }
+    }
+
+    fn add_gradients(&mut self, grads: HashMap<String, Tensor>) -> Result<()> {
+        let Some(sum) = &mut self.grads else {
+            self.grads = Some(grads);
+            return Ok(());
+        };
+        for (k, g) in grads {
+            let total = match sum.remove(&k) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            sum.insert(k, total);
+        }
+        Ok(())
+    }
+}
+
+impl Shard {
+    /// Worker `rank`'s part of global batch `global` (row indices into `data`).
+    fn build(
+        data: &[Encoded],
+        global: &[usize],
+        rank: usize,
+        world: usize,
+        pad: u32,
+    ) -> Result<Self> {
+        let mine = &global[shard_range(global.len(), rank, world)];
+        let items: Vec<&Encoded> = mine.iter().map(|&i| &data[i]).collect();
+        Ok(Shard {
+            batch: if items.is_empty() {
+                None
+            } else {
+                Some(Batch::build(&items, pad, &Device::Cpu)?)
+            },
+            global_label_tokens: global.iter().map(|&i| data[i].label_tokens()).sum(),
+            global_tokens: global
+                .iter()
+                .map(|&i| data[i].input_ids.len() + data[i].decoder_input_ids.len())
+                .sum(),
+            global_rows: global.len(),
+        })
     }
 }
 

@@ -29,7 +29,7 @@ pub fn rows_u32(t: &Tensor) -> Vec<Vec<u32>> {
 /// parity checks against transformers on the GPU.
 pub fn test_device() -> Device {
     let spec = std::env::var("KB_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-    kb_core::pipeline::parse_device(&spec).expect("KB_TEST_DEVICE")
+    kb_core::parse_device(&spec).expect("KB_TEST_DEVICE")
 }
 
 /// Largest absolute difference between two tensors of the same shape (on any devices).

@@ -1,0 +1,168 @@
+//! The model and generation argument groups of kb-extract, kb-eval and kb-serve.
+
+use kb_core::candle_core::DType;
+use kb_core::generation::{EarlyStopping, GenerationConfig};
+use kb_core::{KeywordModel, DEFAULT_MODEL};
+
+use crate::at_least_one;
+
+/// Which model to load, in what dtype, on what device.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Model folder (config.json, tokenizer.json, model.safetensors or pytorch_model.bin) or a
+    /// Hugging Face hub id resolved through the local cache (HF_HOME) [default:
+    /// gogamza/kobart-base-v1, where the tool has one].
+    #[arg(long, env = "KB_MODEL", value_name = "DIR_OR_ID")]
+    pub model: Option<String>,
+    /// Weights dtype: f32, f16 or bf16.
+    #[arg(long, env = "KB_DTYPE", default_value = "f32", value_parser = kb_core::parse_dtype)]
+    pub dtype: DType,
+    /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "KB_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    /// The model asked for, or [`DEFAULT_MODEL`].
+    pub fn spec(&self) -> &str {
+        self.model.as_deref().unwrap_or(DEFAULT_MODEL)
+    }
+
+    /// Loads the model; what loading had to fill in or ignore is logged as a warning.
+    pub fn load(&self) -> kb_core::Result<KeywordModel> {
+        let device = kb_core::parse_device(&self.device)?;
+        let model = KeywordModel::load(self.spec(), self.dtype, &device)?;
+        let note = model.report.summary();
+        if !note.is_empty() {
+            tracing::warn!("{note}");
+        }
+        Ok(model)
+    }
+}
+
+/// Generation settings that override the model folder's (its `generation_config.json`, else
+/// `config.json`, else transformers' defaults).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GenerationArgs {
+    /// Beam count (1 = greedy). Default: the model folder's generation settings.
+    #[arg(long = "num_beams", alias = "num-beams", value_parser = at_least_one())]
+    pub num_beams: Option<usize>,
+    /// Maximum decoder length, counting the decoder start token.
+    #[arg(long = "max_length", alias = "max-length")]
+    pub max_length: Option<usize>,
+    /// Maximum number of generated tokens (overrides --max_length).
+    #[arg(long = "max_new_tokens", alias = "max-new-tokens")]
+    pub max_new_tokens: Option<usize>,
+    /// Minimum decoder length counting the start token (end-of-sequence is banned before it).
+    #[arg(long = "min_length", alias = "min-length")]
+    pub min_length: Option<usize>,
+    /// Length penalty exponent for beam scores (>1 favours longer outputs).
+    #[arg(long = "length_penalty", alias = "length-penalty")]
+    pub length_penalty: Option<f64>,
+    /// Never repeat an n-gram of this size (0 = off).
+    #[arg(long = "no_repeat_ngram_size", alias = "no-repeat-ngram-size")]
+    pub no_repeat_ngram_size: Option<usize>,
+    /// Beam stopping rule: true (stop when num_beams are finished), false (heuristic), never.
+    #[arg(long = "early_stopping", alias = "early-stopping", num_args = 0..=1,
+          default_missing_value = "true")]
+    pub early_stopping: Option<EarlyStopping>,
+    /// Truncate each query to at most this many tokens.
+    #[arg(long = "max_input_tokens", alias = "max-input-tokens", value_parser = at_least_one())]
+    pub max_input_tokens: Option<usize>,
+}
+
+impl GenerationArgs {
+    /// `base` with the flags given applied, checked; an error names the flag.
+    pub fn apply(&self, base: &GenerationConfig) -> Result<GenerationConfig, String> {
+        let mut gen = base.clone();
+        if let Some(v) = self.num_beams {
+            gen.num_beams = v;
+        }
+        if let Some(v) = self.max_length {
+            gen.max_length = v;
+            gen.max_new_tokens = None;
+        }
+        if self.max_new_tokens.is_some() {
+            gen.max_new_tokens = self.max_new_tokens;
+        }
+        if let Some(v) = self.min_length {
+            gen.min_length = v;
+        }
+        if let Some(v) = self.length_penalty {
+            gen.length_penalty = v;
+        }
+        if let Some(v) = self.no_repeat_ngram_size {
+            gen.no_repeat_ngram_size = v;
+        }
+        if let Some(v) = self.early_stopping {
+            gen.early_stopping = v;
+        }
+        gen.validate()
+            .map_err(|(field, msg)| format!("--{field}: {msg}"))?;
+        Ok(gen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Tool {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        generation: GenerationArgs,
+    }
+
+    /// transformers' defaults for a BART with eos 1.
+    fn base() -> GenerationConfig {
+        GenerationConfig {
+            num_beams: 1,
+            max_length: 20,
+            max_new_tokens: None,
+            min_length: 0,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+            no_repeat_ngram_size: 0,
+            forced_eos_token_id: Some(1),
+            forced_bos_token_id: None,
+            decoder_start_token_id: 1,
+            eos_token_ids: vec![1],
+            pad_token_id: Some(3),
+        }
+    }
+
+    #[test]
+    fn flags_override_the_folder_settings() {
+        let t = Tool::try_parse_from([
+            "t",
+            "--num-beams",
+            "3",
+            "--max_new_tokens",
+            "7",
+            "--early_stopping",
+            "--dtype",
+            "bf16",
+        ])
+        .unwrap();
+        assert_eq!(t.model.spec(), DEFAULT_MODEL);
+        assert_eq!(t.model.dtype, DType::BF16);
+        let base = base();
+        let gen = t.generation.apply(&base).unwrap();
+        assert_eq!(gen.num_beams, 3);
+        assert_eq!(gen.max_new_tokens, Some(7));
+        assert_eq!(gen.early_stopping, EarlyStopping::True);
+        assert_eq!(gen.max_length, base.max_length);
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        assert!(Tool::try_parse_from(["t", "--num_beams", "0"]).is_err());
+        assert!(Tool::try_parse_from(["t", "--dtype", "f8"]).is_err());
+        let t = Tool::try_parse_from(["t", "--max_length", "1"]).unwrap();
+        let e = t.generation.apply(&base()).unwrap_err();
+        assert!(e.starts_with("--"), "{e}");
+    }
+}

@@ -1,0 +1,139 @@
+//! What a training run is made of and what its workers share: the invocation's options (and the
+//! progress observer the binary renders), the starting point of every replica, and the
+//! context and outcome of a worker. A leaf of `train/`: the trainer, the launcher and the
+//! workers all import it, it imports none of them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::checkpoint::TrainerState;
+use super::optim::{AdamW, AdamWConfig};
+use super::settings::TrainSettings;
+use super::trainable::Trainable;
+use crate::data::Encoded;
+use crate::error::{Error, Result};
+use crate::generation::GenerationConfig;
+use crate::tokenizer::KoTokenizer;
+
+/// What the worker that writes checkpoints reports while it trains; a binary renders it (kb-train
+/// draws a progress bar). Called from the training thread: keep it cheap.
+pub trait TrainProgress: Send + Sync {
+    /// An epoch (0-based, of `epochs`) of `batches` global batches starts, `done` of them already
+    /// trained (a resumed run).
+    fn epoch_started(&self, epoch: usize, epochs: usize, batches: usize, done: usize);
+    /// `done` global batches of the current epoch are trained.
+    fn batches_done(&self, done: usize);
+    /// An optimizer step ended.
+    fn step(&self, step: &StepReport);
+    /// The current epoch's batches are over (validation follows).
+    fn epoch_finished(&self);
+}
+
+/// One optimizer step, as [`TrainProgress::step`] sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Optimizer steps taken in total.
+    pub global_step: usize,
+    /// Mean training loss over the step's batches.
+    pub train_loss: f64,
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// Rows per second over the step.
+    pub rows_per_s: f64,
+    /// Encoder plus decoder tokens per second over the step.
+    pub tokens_per_s: f64,
+}
+
+/// Options of one invocation that are not part of the recipe.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Continue from this checkpoint folder (its saved settings are used).
+    pub resume: Option<PathBuf>,
+    /// Stop, saving `last`, after this many optimizer steps of this invocation.
+    pub stop_after: Option<usize>,
+    /// Told of epochs and steps (nothing is drawn when `None`).
+    pub progress: Option<Arc<dyn TrainProgress>>,
+}
+
+impl std::fmt::Debug for RunOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("resume", &self.resume)
+            .field("stop_after", &self.stop_after)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Everything a run starts from, on the CPU; each worker copies it to its device.
+pub(crate) struct Setup {
+    pub(crate) config: crate::BartConfig,
+    pub(crate) tensors: HashMap<String, Tensor>,
+    /// Optimizer steps taken and moments (`exp_avg.NAME`, `exp_avg_sq.NAME`), when resuming.
+    pub(crate) moments: Option<(usize, HashMap<String, Tensor>)>,
+    pub(crate) tokenizer: KoTokenizer,
+    pub(crate) config_json: serde_json::Value,
+    pub(crate) generation: GenerationConfig,
+    pub(crate) state: Option<TrainerState>,
+}
+
+impl Setup {
+    /// One worker's model and optimizer on `device`, identical on every worker.
+    pub(crate) fn replica(
+        &self,
+        settings: &TrainSettings,
+        device: &Device,
+    ) -> Result<(Trainable, AdamW)> {
+        let setup = self;
+        let mut trainable = Trainable::from_tensors(&setup.config, setup.tensors.clone(), device)?;
+        trainable.set_compute_dtype(&setup.config, settings.precision.compute_dtype())?;
+        let mut optimizer = AdamW::new(
+            trainable.parameters(),
+            AdamWConfig {
+                lr: settings.lr,
+                weight_decay: settings.weight_decay,
+                ..Default::default()
+            },
+        )?;
+        if let Some((step, moments)) = &setup.moments {
+            optimizer.step = *step;
+            for p in &mut optimizer.params {
+                let get = |k: String| -> Result<Tensor> {
+                    let t = moments.get(&k).ok_or_else(|| {
+                        Error::Invalid(format!("the checkpoint's optimizer.safetensors lacks {k}"))
+                    })?;
+                    // A copy of its own: the CPU optimizer updates moments in place, and on the
+                    // same device `to_device` would share the buffer with every other worker.
+                    Ok(t.to_device(device)?.copy()?)
+                };
+                p.exp_avg = get(format!("exp_avg.{}", p.name))?;
+                p.exp_avg_sq = get(format!("exp_avg_sq.{}", p.name))?;
+            }
+        }
+        Ok((trainable, optimizer))
+    }
+}
+
+/// What every worker of a run reads.
+pub(crate) struct RunContext<'a> {
+    pub(crate) settings: &'a TrainSettings,
+    pub(crate) options: &'a RunOptions,
+    pub(crate) train_data: &'a [Encoded],
+    pub(crate) val_data: &'a [Encoded],
+    pub(crate) lengths: &'a [usize],
+    pub(crate) pad: u32,
+    pub(crate) run: &'a Path,
+    pub(crate) chp: &'a Path,
+    pub(crate) setup: &'a Setup,
+    pub(crate) initial_state: TrainerState,
+}
+
+/// How one worker's training ended.
+pub(crate) struct WorkerOutcome {
+    pub(crate) state: TrainerState,
+    pub(crate) last_train_loss: Option<f64>,
+    pub(crate) interrupted: bool,
+}
