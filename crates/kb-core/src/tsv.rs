@@ -98,6 +98,8 @@ pub struct Reader<'a> {
     header: Vec<String>,
     header_line: usize,
     reader: csv::Reader<&'a [u8]>,
+    /// The content (without the BOM), for line numbers.
+    bytes: &'a [u8],
     /// Byte offsets of every `\n`, for line numbers.
     newlines: Vec<usize>,
     record: csv::ByteRecord,
@@ -118,6 +120,7 @@ impl<'a> Reader<'a> {
                 .flexible(true)
                 .has_headers(false)
                 .from_reader(bytes),
+            bytes,
             newlines: newline_offsets(bytes),
             record: csv::ByteRecord::new(),
         };
@@ -158,10 +161,15 @@ impl<'a> Reader<'a> {
         self.path
     }
 
-    /// 1-based line containing byte `byte` (csv reports a CRLF record as starting at the `\n`
-    /// before it, hence `<=`).
+    /// 1-based line of the first byte at or after `byte` that is not a line break: csv reports
+    /// a record as starting where the previous one ended (at the `\n` of a CRLF, or before the
+    /// blank lines it skipped).
     fn line_at(&self, byte: u64) -> usize {
-        self.newlines.partition_point(|&nl| (nl as u64) <= byte) + 1
+        let mut at = (byte as usize).min(self.bytes.len());
+        while matches!(self.bytes.get(at), Some(b'\r' | b'\n')) {
+            at += 1;
+        }
+        self.newlines.partition_point(|&nl| nl < at) + 1
     }
 
     /// Whether the header has not been read yet (only while [`Reader::new`] runs).
