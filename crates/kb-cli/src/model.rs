@@ -1,7 +1,7 @@
 //! The model and generation argument groups of kb-extract, kb-eval and kb-serve.
 
 use kb_core::candle_core::DType;
-use kb_core::generation::{EarlyStopping, GenerationConfig};
+use kb_core::generation::{DerivedTerms, EarlyStopping, GenerationConfig};
 use kb_core::{KeywordModel, DEFAULT_MODEL};
 
 use crate::at_least_one;
@@ -69,10 +69,45 @@ pub struct GenerationArgs {
     /// Truncate each query to at most this many tokens.
     #[arg(long = "max_input_tokens", alias = "max-input-tokens", value_parser = at_least_one())]
     pub max_input_tokens: Option<usize>,
+    /// Grounded decoding: every keyword is a span of the question (whitespace ignored) or a
+    /// derived term (--derived_terms, else the model folder's derived_terms.tsv), enforced
+    /// inside the search.
+    #[arg(long)]
+    pub grounded: bool,
+    /// Derived terms for --grounded: a `term<TAB>count` TSV such as configs/derived_terms.tsv
+    /// (default: the model folder's derived_terms.tsv).
+    #[arg(
+        long = "derived_terms",
+        alias = "derived-terms",
+        value_name = "FILE",
+        requires = "grounded"
+    )]
+    pub derived_terms: Option<std::path::PathBuf>,
 }
 
 impl GenerationArgs {
-    /// `base` with the flags given applied, checked; an error names the flag.
+    /// `model`'s generation settings with the flags given applied (and the grounding
+    /// constraint built for `--grounded`), checked; an error names the flag.
+    pub fn for_model(&self, model: &KeywordModel) -> Result<GenerationConfig, String> {
+        let mut gen = self.apply(&model.generation)?;
+        if self.grounded {
+            let terms = self
+                .derived_terms
+                .as_deref()
+                .map(DerivedTerms::read)
+                .transpose()
+                .map_err(|e| format!("--derived_terms: {e}"))?;
+            gen.grounding = Some(
+                model
+                    .grounding(terms.as_ref())
+                    .map_err(|e| format!("--grounded: {e}"))?,
+            );
+        }
+        Ok(gen)
+    }
+
+    /// `base` with the flags given applied (all but `--grounded`), checked; an error names the
+    /// flag.
     pub fn apply(&self, base: &GenerationConfig) -> Result<GenerationConfig, String> {
         let mut gen = base.clone();
         if let Some(v) = self.num_beams {
@@ -131,6 +166,7 @@ mod tests {
             decoder_start_token_id: 1,
             eos_token_ids: vec![1],
             pad_token_id: Some(3),
+            grounding: None,
         }
     }
 

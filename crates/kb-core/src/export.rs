@@ -315,6 +315,13 @@ pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
     let ordered: HashMap<String, Tensor> = tensors;
     save_safetensors(&ordered, &tmp.join("model.safetensors"))?;
     tokenizer.save(&tmp)?;
+    // The derived terms of grounded decoding travel with the model (checkpoints written before
+    // they existed have none).
+    let terms = ck.join(crate::pipeline::DERIVED_TERMS_FILE);
+    if terms.is_file() {
+        let dest = tmp.join(crate::pipeline::DERIVED_TERMS_FILE);
+        std::fs::copy(&terms, &dest).map_err(|e| Error::io(&dest, e))?;
+    }
     let token = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i));
     let sp = tokenizer.special();
     let mut special = serde_json::Map::new();

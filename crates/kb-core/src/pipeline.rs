@@ -2,18 +2,22 @@
 //! query → keywords path every binary uses.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
-use crate::generation::{generate, GenerationConfig};
+use crate::generation::{generate, DerivedTerms, GenerationConfig, Grounding};
 use crate::keywords::split_keywords;
 use crate::model::Bart;
 use crate::source::ModelSource;
 use crate::tokenizer::KoTokenizer;
 use crate::weights::{load_checked, LoadReport, WeightFiles};
+
+/// The file of a model folder that lists its derived terms (see [`DerivedTerms`]).
+pub const DERIVED_TERMS_FILE: &str = "derived_terms.tsv";
 
 /// One query's result.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -43,6 +47,9 @@ pub struct KeywordModel {
     pub model: Bart,
     /// What loading had to fill in or ignore.
     pub report: LoadReport,
+    /// The folder's `derived_terms.tsv` (what kb-train derived from its training labels), used
+    /// by grounded decoding; `None` when the folder has none.
+    pub derived_terms: Option<DerivedTerms>,
     /// The resolved model folder.
     pub dir: PathBuf,
 }
@@ -71,14 +78,33 @@ impl KeywordModel {
         let (tensors, report) = load_checked(&files, &config, dtype, device)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         let model = Bart::load(&config, vb)?;
+        let terms_path = dir.join(DERIVED_TERMS_FILE);
+        let derived_terms = if terms_path.is_file() {
+            Some(DerivedTerms::read(&terms_path)?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             generation,
             tokenizer,
             model,
             report,
+            derived_terms,
             dir: dir.to_path_buf(),
         })
+    }
+
+    /// The grounding constraint of this model's tokenizer with `terms` (the folder's own list
+    /// when `None`); an error when neither exists.
+    pub fn grounding(&self, terms: Option<&DerivedTerms>) -> Result<Arc<Grounding>> {
+        let terms = terms.or(self.derived_terms.as_ref()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "grounded decoding needs a list of derived terms: {} has no {DERIVED_TERMS_FILE}; give one (e.g. configs/derived_terms.tsv)",
+                self.dir.display()
+            ))
+        })?;
+        Ok(Arc::new(Grounding::new(&self.tokenizer, terms)))
     }
 
     /// Encodes queries, truncating each to `max_input_tokens` (and to the model's positions).

@@ -123,6 +123,36 @@ impl KoTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Every token's text as it appears in decoded output, by id: the vocabulary piece, with the
+    /// word-boundary mark `▁` kept (it stands for a space). `None` for special tokens (pad, eos,
+    /// bos, the decoder start, `<unk>` and the tokenizer's special added tokens), which are never
+    /// part of the text.
+    pub fn piece_texts(&self) -> Vec<Option<String>> {
+        let special_added: std::collections::HashSet<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        let s = &self.special;
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                let special = special_added.contains(&id)
+                    || id == s.pad
+                    || s.eos.contains(&id)
+                    || s.bos == Some(id)
+                    || id == s.decoder_start
+                    || s.unk == Some(id);
+                if special {
+                    None
+                } else {
+                    self.inner.id_to_token(id)
+                }
+            })
+            .collect()
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner

@@ -237,7 +237,7 @@ fn generate(args: &Args, data: &Dataset) -> Result<(Vec<Vec<String>>, Source)> {
         .with_context(|| format!("cannot load model {spec}"))?;
     let gen = args
         .generation
-        .apply(&model.generation)
+        .for_model(&model)
         .map_err(anyhow::Error::msg)?;
 
     let queries: Vec<&str> = data.examples.iter().map(|e| e.query.as_str()).collect();

@@ -21,7 +21,7 @@ fn trained_run() -> (tempfile::TempDir, PathBuf) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     for (src, n, dest) in [
         ("data/train.tsv", 32, "train.tsv"),
-        ("data/test.tsv", 8, "test.tsv"),
+        ("data/valid.tsv", 8, "test.tsv"),
     ] {
         let text = std::fs::read_to_string(root.join(src)).unwrap();
         let lines: Vec<&str> = text.lines().take(n + 1).collect();

@@ -22,7 +22,8 @@ pub fn read_queries(source: &str) -> Result<Vec<String>> {
 }
 
 /// Parses file content: a TSV whose header has a `query` column, else one query per line.
-pub fn parse_queries(text: &str, name: &str) -> Result<Vec<String>> {
+#[cfg(test)]
+fn parse_queries(text: &str, name: &str) -> Result<Vec<String>> {
     Ok(parse_query_bytes(text.as_bytes(), name)?)
 }
 

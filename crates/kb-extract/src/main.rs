@@ -94,7 +94,7 @@ fn run(args: Args) -> Result<()> {
         .with_context(|| format!("cannot load model {}", args.model.spec()))?;
     let gen = args
         .generation
-        .apply(&model.generation)
+        .for_model(&model)
         .map_err(anyhow::Error::msg)?;
 
     // Queries of similar token length are generated together; results keep input order.

@@ -23,6 +23,7 @@ use kb_core::train::{train, RunOptions, StepReport, TrainProgress, TrainSettings
 ///   kb-train --accelerator gpu --num_gpus 4 --precision bf16 --config configs/original.toml
 ///   kb-train --accelerator cpu --dp_workers 2 --config configs/quickstart-cpu.toml
 ///   kb-train --resume checkpoint
+///   kb-train --derive_terms configs/derived_terms.tsv --train_file data/train.tsv
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "kb-train",
@@ -41,6 +42,11 @@ struct Args {
     /// Stop after N optimizer steps of this invocation, saving `last` (continue with --resume).
     #[arg(long = "stop_after", alias = "stop-after", value_name = "N")]
     stop_after: Option<usize>,
+    /// Do not train: write the derived terms of --train_file's labels (keywords that are not
+    /// spans of their question, used at least twice) to FILE as `term<TAB>count`, and exit.
+    /// Every checkpoint also carries them (derived_terms.tsv) for grounded decoding.
+    #[arg(long = "derive_terms", alias = "derive-terms", value_name = "FILE")]
+    derive_terms: Option<PathBuf>,
 }
 
 /// The command line: the flags above and one flag per field of the recipe
@@ -115,6 +121,19 @@ fn main() {
 
 fn run(args: &Args, matches: &clap::ArgMatches) -> Result<()> {
     let settings = settings(args, matches)?;
+    if let Some(out) = &args.derive_terms {
+        let data = kb_core::data::Dataset::read_tsv(&settings.train_file, settings.skip_bad_rows)?;
+        let terms = kb_core::train::derived_terms_of(&data);
+        terms.write(out)?;
+        eprintln!(
+            "kb-train: wrote {} derived terms of {} ({} rows) to {}",
+            terms.terms.len(),
+            settings.train_file.display(),
+            data.examples.len(),
+            out.display()
+        );
+        return Ok(());
+    }
     let outcome = train(
         &settings,
         &RunOptions {

@@ -1,9 +1,11 @@
 //! Generation settings, with transformers' `GenerationConfig` defaults and file semantics.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::grounding::Grounding;
 use crate::config::{BartConfig, TokenIds};
 use crate::error::{Error, Result};
 
@@ -81,6 +83,9 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<u32>,
     /// Token that fills finished greedy rows.
     pub pad_token_id: Option<u32>,
+    /// Grounded decoding: keywords limited to spans of the input and derived terms
+    /// ([`Grounding`]); `None` decodes freely, as transformers does.
+    pub grounding: Option<Arc<Grounding>>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -125,6 +130,7 @@ impl GenerationConfig {
             decoder_start_token_id: cfg.decoder_start(),
             eos_token_ids: cfg.eos_ids(),
             pad_token_id: cfg.pad_token_id,
+            grounding: None,
         })
     }
 
@@ -178,6 +184,7 @@ impl GenerationConfig {
                 .map(|t| t.to_vec())
                 .unwrap_or_else(|| cfg.eos_ids()),
             pad_token_id: raw.pad_token_id.or(cfg.pad_token_id),
+            grounding: None,
         };
         out.validate().map_err(|m| Error::Config {
             path: path.to_path_buf(),

@@ -1,11 +1,18 @@
 //! Score processors applied to each row's next-token scores, in transformers' order:
-//! no-repeat n-gram, minimum length, forced first token, forced last token.
+//! no-repeat n-gram, minimum length, grounding (transformers' prefix-allowed-tokens slot),
+//! forced first token, forced last token.
 
 use super::config::GenerationConfig;
 
 /// Applies every enabled processor to `scores` (one row, `vocab` long) for a hypothesis whose
-/// decoder tokens so far (start token included) are `tokens`.
-pub fn process(scores: &mut [f32], tokens: &[u32], cfg: &GenerationConfig) {
+/// decoder tokens so far (start token included) are `tokens`; `grounded_input` is the input's
+/// text for [`GenerationConfig::grounding`] ([`super::Grounding::input_text`]).
+pub fn process(
+    scores: &mut [f32],
+    tokens: &[u32],
+    cfg: &GenerationConfig,
+    grounded_input: Option<&str>,
+) {
     let cur_len = tokens.len();
     if cfg.no_repeat_ngram_size > 0 {
         ban_repeated_ngrams(scores, tokens, cfg.no_repeat_ngram_size);
@@ -16,6 +23,9 @@ pub fn process(scores: &mut [f32], tokens: &[u32], cfg: &GenerationConfig) {
                 *s = f32::NEG_INFINITY;
             }
         }
+    }
+    if let (Some(g), Some(input)) = (&cfg.grounding, grounded_input) {
+        g.mask(scores, input, &tokens[1.min(tokens.len())..]);
     }
     if let Some(bos) = cfg.forced_bos_token_id {
         if cur_len == 1 {

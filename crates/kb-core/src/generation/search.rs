@@ -117,10 +117,15 @@ pub fn generate_each_while(
     let mut cache = model.start_decoding(&encoded, Some(&mask))?;
     // Decoder positions ever fed: the start token and every generated token but the last.
     cache.reserve((cfg.effective_max_length().saturating_sub(1)).clamp(1, RESERVED_POSITIONS));
+    // Each input's text, for grounded decoding.
+    let grounded: Vec<Option<String>> = inputs
+        .iter()
+        .map(|ids| cfg.grounding.as_ref().map(|g| g.input_text(ids)))
+        .collect();
     if cfg.num_beams == 1 {
-        greedy(model, cache, inputs.len(), cfg, done, wanted)
+        greedy(model, cache, &grounded, cfg, done, wanted)
     } else {
-        beam_search(model, cache, inputs.len(), cfg, done, wanted)
+        beam_search(model, cache, &grounded, cfg, done, wanted)
     }
 }
 
@@ -131,14 +136,17 @@ fn step_logits(model: &Bart, cache: &mut DecoderCache, last: &[u32]) -> Result<(
     model.decode_step_to_host(&ids, cache)
 }
 
+/// Greedy decoding; `grounded` holds each input's text for grounded decoding (`None` entries
+/// otherwise) and sets the batch size.
 fn greedy(
     model: &Bart,
     mut cache: DecoderCache,
-    batch: usize,
+    grounded: &[Option<String>],
     cfg: &GenerationConfig,
     done: &mut dyn FnMut(usize, Generated),
     wanted: &dyn Fn(usize) -> bool,
 ) -> Result<()> {
+    let batch = grounded.len();
     let max_length = cfg.effective_max_length();
     let pad = cfg.pad_token_id.unwrap_or(cfg.eos_token_ids[0]);
     let mut seqs: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; batch];
@@ -155,7 +163,7 @@ fn greedy(
         let mut still = Vec::with_capacity(active.len());
         for (pos, row) in logits.chunks_mut(vocab).enumerate() {
             let b = active[pos];
-            process(row, &seqs[b], cfg);
+            process(row, &seqs[b], cfg, grounded[b].as_deref());
             let next = argmax(row);
             seqs[b].push(next);
             if cfg.eos_token_ids.contains(&next) {
@@ -281,15 +289,19 @@ struct Hypothesis {
 
 /// Beam state of one input.
 struct BeamState {
+    /// The input's text when decoding is grounded.
+    grounded_input: Option<String>,
     running: Vec<Hypothesis>,
     finished: Vec<Hypothesis>,
     improvement_possible: bool,
 }
 
+/// Beam search; `grounded` holds each input's text for grounded decoding (`None` entries
+/// otherwise) and sets the batch size.
 fn beam_search(
     model: &Bart,
     mut cache: DecoderCache,
-    batch: usize,
+    grounded: &[Option<String>],
     cfg: &GenerationConfig,
     done: &mut dyn FnMut(usize, Generated),
     wanted: &dyn Fn(usize) -> bool,
@@ -300,8 +312,11 @@ fn beam_search(
     let keep = 2usize.max(1 + cfg.eos_token_ids.len()) * k;
     let lp = cfg.length_penalty;
     let start = vec![cfg.decoder_start_token_id];
-    let mut states: Vec<BeamState> = (0..batch)
-        .map(|_| BeamState {
+    let batch = grounded.len();
+    let mut states: Vec<BeamState> = grounded
+        .iter()
+        .map(|input| BeamState {
+            grounded_input: input.clone(),
             running: (0..k)
                 .map(|j| Hypothesis {
                     tokens: start.clone(),
@@ -461,14 +476,19 @@ fn beam_step(
     if rows.len() == vocab {
         // One row for every beam (the first step: all beams are the start token alone).
         log_softmax_in_place(rows);
-        process(rows, &state.running[0].tokens, cfg);
+        process(
+            rows,
+            &state.running[0].tokens,
+            cfg,
+            state.grounded_input.as_deref(),
+        );
         for (j, hyp) in state.running.iter().enumerate() {
             push_top_k(&mut best, rows, hyp.score, j * vocab, keep);
         }
     } else {
         for (j, (hyp, row)) in state.running.iter().zip(rows.chunks_mut(vocab)).enumerate() {
             log_softmax_in_place(row);
-            process(row, &hyp.tokens, cfg);
+            process(row, &hyp.tokens, cfg, state.grounded_input.as_deref());
             push_top_k(&mut best, row, hyp.score, j * vocab, keep);
         }
     }

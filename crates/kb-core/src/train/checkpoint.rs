@@ -82,6 +82,9 @@ pub struct CheckpointData<'a> {
     pub generation: &'a GenerationConfig,
     /// Tokenizer.
     pub tokenizer: &'a KoTokenizer,
+    /// The training labels' derived terms, for grounded decoding
+    /// ([`crate::pipeline::DERIVED_TERMS_FILE`]).
+    pub derived_terms: &'a crate::generation::DerivedTerms,
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -140,6 +143,8 @@ pub fn write_checkpoint(dest: &Path, data: &CheckpointData<'_>) -> Result<()> {
     });
     write_json(&tmp.join("hparams.json"), &hparams)?;
     data.tokenizer.save(&tmp)?;
+    data.derived_terms
+        .write(&tmp.join(crate::pipeline::DERIVED_TERMS_FILE))?;
     sync_dir_files(&tmp)?;
 
     if dest.exists() {

@@ -22,4 +22,4 @@ pub use optim::{
 pub use run::{RunOptions, StepReport, TrainProgress};
 pub use settings::{Accelerator, InitMode, Precision, TrainSettings};
 pub use trainable::{masked_cross_entropy, Trainable};
-pub use trainer::{train, TrainOutcome};
+pub use trainer::{derived_terms_of, train, TrainOutcome, DERIVED_TERM_MIN_COUNT};

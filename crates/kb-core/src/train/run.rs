@@ -129,6 +129,8 @@ pub(crate) struct RunContext<'a> {
     pub(crate) chp: &'a Path,
     pub(crate) setup: &'a Setup,
     pub(crate) initial_state: TrainerState,
+    /// The training labels' derived terms, written into every checkpoint.
+    pub(crate) derived_terms: &'a crate::generation::DerivedTerms,
 }
 
 /// How one worker's training ended.

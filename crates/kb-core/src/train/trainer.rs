@@ -15,7 +15,7 @@ use super::settings::{Accelerator, InitMode, TrainSettings};
 use super::trainable::Trainable;
 use crate::data::{encode_examples, Dataset, Encoded};
 use crate::error::{Error, Result};
-use crate::generation::{EarlyStopping, GenerationConfig};
+use crate::generation::{DerivedTerms, EarlyStopping, GenerationConfig};
 use crate::source::ModelSource;
 use crate::tokenizer::KoTokenizer;
 use crate::weights::{load_checked, WeightFiles};
@@ -185,6 +185,7 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         std::fs::create_dir_all(&chp).map_err(|e| Error::io(&chp, e))?;
         announce(&settings, &state, train_data.len(), val_data.len());
     }
+    let derived_terms = derived_terms_of(&train_ds);
     let ctx = RunContext {
         settings: &settings,
         options,
@@ -196,6 +197,7 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         chp: &chp,
         setup: &setup,
         initial_state: state,
+        derived_terms: &derived_terms,
     };
     let done = match settings.accelerator {
         Accelerator::Cpu => run_cpu_workers(&ctx)?,
@@ -236,6 +238,25 @@ fn effective_settings(
     tracing::info!("resuming from {} with its saved settings", dir.display());
     Ok((saved, Some(resumed_setup(&dir)?)))
 }
+
+/// The derived terms of a training file's labels (keywords that are not spans of their
+/// question), those used at least [`DERIVED_TERM_MIN_COUNT`] times: what grounded decoding lets a
+/// model trained on it generate besides spans of the input.
+pub fn derived_terms_of(ds: &Dataset) -> DerivedTerms {
+    let labels: Vec<(String, Vec<String>)> = ds
+        .examples
+        .iter()
+        .map(|e| (e.query.clone(), crate::keywords::split_keywords(&e.keyword)))
+        .collect();
+    DerivedTerms::from_labels(
+        labels.iter().map(|(q, k)| (q.as_str(), k.as_slice())),
+        DERIVED_TERM_MIN_COUNT,
+    )
+}
+
+/// A derived term is kept when at least this many training labels use it (one-off labels, often
+/// slips, are left out).
+pub const DERIVED_TERM_MIN_COUNT: usize = 2;
 
 /// Reads a data file, reporting the rows skipped with `skip_bad_rows`.
 fn read_dataset(path: &Path, skip_bad_rows: bool) -> Result<Dataset> {

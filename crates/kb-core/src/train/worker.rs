@@ -118,6 +118,7 @@ impl<'a, C: Collective> Worker<'a, C> {
                 config_json: &ctx.setup.config_json,
                 generation: &ctx.setup.generation,
                 tokenizer: &ctx.setup.tokenizer,
+                derived_terms: ctx.derived_terms,
             },
         )
     }

@@ -10,7 +10,7 @@ pub fn root() -> PathBuf {
 }
 
 /// A temporary folder with the first `n_train`/`n_test` rows of data/ as `train.tsv` and
-/// `test.tsv`, and `model_json` as `model.json`.
+/// `test.tsv` (validation rows from data/valid.tsv), and `model_json` as `model.json`.
 pub fn workspace(n_train: usize, n_test: usize, model_json: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let slice = |src: &str, n: usize, dest: &str| {
@@ -19,7 +19,7 @@ pub fn workspace(n_train: usize, n_test: usize, model_json: &str) -> tempfile::T
         std::fs::write(dir.path().join(dest), lines.join("\n") + "\n").unwrap();
     };
     slice("data/train.tsv", n_train, "train.tsv");
-    slice("data/test.tsv", n_test, "test.tsv");
+    slice("data/valid.tsv", n_test, "test.tsv");
     std::fs::write(dir.path().join("model.json"), model_json).unwrap();
     dir
 }
