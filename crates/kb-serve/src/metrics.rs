@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -71,6 +71,16 @@ impl Histogram {
     }
 }
 
+/// Gauges the server samples when `/metrics` is read (they live with what they measure: the
+/// queue and the concurrency limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sampled {
+    /// Keyword requests waiting for the model (queued or being gathered into a batch).
+    pub queue_depth: usize,
+    /// Keyword requests being handled (parsing, queued or generating).
+    pub in_flight: usize,
+}
+
 /// All server metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -78,8 +88,6 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<String, Histogram>>,
     batch_size: Mutex<Histogram>,
     inference: Mutex<Histogram>,
-    /// Keyword requests waiting for the model (queued or being gathered into a batch).
-    pub queue_depth: AtomicUsize,
     generated_tokens: AtomicU64,
     queries: AtomicU64,
     dropped: AtomicU64,
@@ -93,7 +101,6 @@ impl Default for Metrics {
             latency: Mutex::default(),
             batch_size: Mutex::new(Histogram::new(BATCH_BUCKETS)),
             inference: Mutex::new(Histogram::new(LATENCY_BUCKETS)),
-            queue_depth: AtomicUsize::new(0),
             generated_tokens: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -144,8 +151,8 @@ impl Metrics {
         lock(&self.batch_size).clone()
     }
 
-    /// The Prometheus text exposition of every metric; `in_flight` is sampled by the caller.
-    pub fn render(&self, in_flight: usize) -> String {
+    /// The Prometheus text exposition of every metric, with the gauges the caller sampled.
+    pub fn render(&self, sampled: &Sampled) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP kb_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE kb_requests_total counter\n");
@@ -176,13 +183,13 @@ impl Metrics {
                 "kb_queue_depth",
                 "gauge",
                 "Keyword requests waiting for the model.",
-                self.queue_depth.load(Ordering::Relaxed) as u64,
+                sampled.queue_depth as u64,
             ),
             (
                 "kb_keyword_requests_in_flight",
                 "gauge",
                 "Keyword requests being handled (parsing, queued or generating).",
-                in_flight as u64,
+                sampled.in_flight as u64,
             ),
             (
                 "kb_generated_tokens_total",
@@ -237,7 +244,10 @@ mod tests {
         m.record_request("/v1/keywords", 200, Duration::from_millis(300));
         m.record_request("/v1/keywords", 422, Duration::from_millis(1));
         m.record_batch(3, 12, Duration::from_millis(50));
-        let text = m.render(2);
+        let text = m.render(&Sampled {
+            in_flight: 2,
+            ..Sampled::default()
+        });
         assert!(
             text.contains("kb_requests_total{route=\"/v1/keywords\",status=\"200\"} 2"),
             "{text}"
