@@ -9,7 +9,8 @@ use kb_cli::model::ModelArgs;
 use kb_cli::{at_least_one, at_least_one_u64};
 
 use crate::backend::BackendOptions;
-use crate::http::HttpOptions;
+use crate::http::connections::{DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
+use crate::http::{ConnectionOptions, HttpOptions};
 use crate::queue::BatchPolicy;
 use crate::server::ServeOptions;
 
@@ -33,7 +34,16 @@ pub enum LogFormat {
         GET /health, GET /ready, GET /metrics, GET /openapi.json.\n\n\
         Every option can also be set from the environment variable shown next to it, and \
         `--snake_case` options also accept their `--kebab-case` spelling.",
-    after_help = "Log verbosity follows RUST_LOG (default: info). On startup the bound address is \
+    after_help = "Hostile and overwhelming clients: at most --max_connections connections are \
+        served at once (more wait in the listen backlog until one closes); a connection must send \
+        a complete request head within --header_timeout_ms of opening or of its previous response \
+        (this also closes idle keep-alive connections); a keyword request gets --timeout_ms from \
+        its request head to its answer, reading the body included (504 beyond); at most \
+        --max_concurrent keyword requests are handled and --max_queue wait for the model (503 + \
+        Retry-After beyond); bodies are limited to --max_body_bytes (413 beyond). On SIGINT or \
+        SIGTERM the server stops accepting, closes idle connections, and answers the requests in \
+        flight before exiting.\n\n\
+        Log verbosity follows RUST_LOG (default: info). On startup the bound address is \
         printed on stdout as `listening on http://HOST:PORT`.",
     mut_arg("model", |a| a
         .required(true)
@@ -114,7 +124,7 @@ pub struct Args {
           default_value_t = 1 << 20, value_parser = at_least_one())]
     pub max_body_bytes: usize,
 
-    /// Time limit of one keyword request in milliseconds, from its admission to its answer:
+    /// Time limit of one keyword request in milliseconds, from its request head to its answer:
     /// reading the body, queueing and generation included (504 beyond).
     #[arg(long = "timeout_ms", alias = "timeout-ms", env = "KB_TIMEOUT_MS", default_value_t = 60_000,
           value_parser = at_least_one_u64())]
@@ -145,6 +155,18 @@ pub struct Args {
     /// removed, and `text` (and the seed route's `result`) is the mapped keywords joined by ", ".
     #[arg(long, env = "KB_SYNONYMS", value_name = "FILE")]
     pub synonyms: Option<std::path::PathBuf>,
+
+    /// Most client connections served at once. Beyond it new connections are not refused: they
+    /// wait in the kernel's listen backlog until a served connection closes.
+    #[arg(long = "max_connections", alias = "max-connections", env = "KB_MAX_CONNECTIONS",
+          default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one())]
+    pub max_connections: usize,
+
+    /// Time a connection has to send a complete request head, counted from its opening or from
+    /// its previous response (ms); slower connections and idle keep-alive connections are closed.
+    #[arg(long = "header_timeout_ms", alias = "header-timeout-ms", env = "KB_HEADER_TIMEOUT_MS",
+          default_value_t = DEFAULT_HEADER_TIMEOUT.as_millis() as u64, value_parser = at_least_one_u64())]
+    pub header_timeout_ms: u64,
 
     /// Log format on stderr.
     #[arg(long = "log_format", alias = "log-format", env = "KB_LOG_FORMAT", value_enum,
@@ -196,6 +218,11 @@ impl Args {
         Duration::from_millis(self.timeout_ms)
     }
 
+    /// The header read timeout of connections.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
+    }
+
     /// What the server runs with, once the options are checked ([`Args::validate`]).
     pub fn options(&self) -> Result<ServeOptions, String> {
         self.validate()?;
@@ -223,6 +250,13 @@ impl Args {
                 timeout: self.timeout(),
                 api_key: self.api_key.clone(),
                 cors_origin: self.cors_origin.clone(),
+            },
+            connections: ConnectionOptions {
+                max_connections: self.max_connections,
+                header_timeout: self.header_timeout(),
+                // Requests in flight finish within their time limit, and a request head being
+                // read within the header timeout.
+                shutdown_grace: self.timeout() + self.header_timeout() + Duration::from_secs(1),
             },
         })
     }
@@ -256,9 +290,20 @@ mod tests {
         assert_eq!(a.host, "127.0.0.1");
         assert_eq!(a.port, 8459);
         assert!(!a.truncate);
-        let a = Args::try_parse_from(["kb-serve", "--model", "m", "--max-queue", "3"]).unwrap();
+        assert_eq!((a.max_connections, a.header_timeout_ms), (1024, 10_000));
+        let a = Args::try_parse_from([
+            "kb-serve",
+            "--model",
+            "m",
+            "--max-connections",
+            "3",
+            "--header_timeout_ms",
+            "250",
+        ])
+        .unwrap();
         let o = a.options().unwrap();
-        assert_eq!(o.max_queue, 3);
+        assert_eq!(o.connections.max_connections, 3);
+        assert_eq!(o.connections.header_timeout, Duration::from_millis(250));
         assert_eq!(o.backend.model, "m");
     }
 
@@ -273,7 +318,7 @@ mod tests {
         assert!(
             Args::try_parse_from(["kb-serve", "--model", "m", "--max_batch_size", "0"]).is_err()
         );
-        for flag in ["--max_queue", "--timeout_ms"] {
+        for flag in ["--max_connections", "--header_timeout_ms", "--timeout_ms"] {
             assert!(Args::try_parse_from(["kb-serve", "--model", "m", flag, "0"]).is_err());
         }
         let a = Args::try_parse_from(["kb-serve", "--model", "m", "--num_beams", "20"]).unwrap();
@@ -309,6 +354,8 @@ mod tests {
             "KB_API_KEY",
             "KB_MAX_WAIT_MS",
             "KB_SYNONYMS",
+            "KB_MAX_CONNECTIONS",
+            "KB_HEADER_TIMEOUT_MS",
             "KB_DTYPE",
             "KB_DEVICE",
         ] {

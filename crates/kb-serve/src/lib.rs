@@ -2,13 +2,14 @@
 //!
 //! The keyword HTTP server of kobart-keywords: a drop-in replacement for the original Flask
 //! server (`POST /keyword_extract`), a JSON API (`POST /v1/keywords`), dynamic batching of
-//! concurrent requests on one inference thread, input and load limits with JSON errors, Prometheus metrics, an OpenAPI document and graceful shutdown.
+//! concurrent requests on one inference thread, input, load and connection limits with JSON
+//! errors, Prometheus metrics, an OpenAPI document and graceful shutdown.
 //!
 //! Modules, in the spirit of text-embeddings-inference:
 //! - [`cli`]: options (flags and `KB_…` environment variables) and the [`ServeOptions`] they
 //!   make;
 //! - [`http`]: request and response types, handlers, middleware, the router and OpenAPI
-//!   document;
+//!   document, and the connection loop (limits, timeouts, graceful shutdown);
 //! - [`queue`]: the bounded job queue and the batching inference worker;
 //! - [`backend`]: the model, its limits and tokenization (no HTTP, no command line);
 //! - [`metrics`]: Prometheus metrics;

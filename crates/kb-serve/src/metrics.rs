@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Bucket bounds of the request latency histogram, in seconds.
@@ -91,6 +91,9 @@ pub struct Metrics {
     generated_tokens: AtomicU64,
     queries: AtomicU64,
     dropped: AtomicU64,
+    connections: AtomicU64,
+    open_connections: AtomicU64,
+    header_timeouts: AtomicU64,
     ready: AtomicBool,
 }
 
@@ -104,8 +107,21 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
             ready: AtomicBool::new(false),
         }
+    }
+}
+
+/// An open connection, counted in `kb_open_connections` until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -139,6 +155,18 @@ impl Metrics {
     /// by its client).
     pub fn record_dropped(&self) {
         self.dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records an accepted connection; it counts as open until the guard is dropped.
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+
+    /// Records a connection closed for not sending a complete request head in time.
+    pub fn record_header_timeout(&self) {
+        self.header_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Marks the model as loaded and warm.
@@ -178,7 +206,7 @@ impl Metrics {
         out.push_str("# HELP kb_inference_duration_seconds Time of one batched generation.\n");
         out.push_str("# TYPE kb_inference_duration_seconds histogram\n");
         lock(&self.inference).render(&mut out, "kb_inference_duration_seconds", "");
-        let gauges: [(&str, &str, &str, u64); 6] = [
+        let gauges: [(&str, &str, &str, u64); 9] = [
             (
                 "kb_queue_depth",
                 "gauge",
@@ -190,6 +218,24 @@ impl Metrics {
                 "gauge",
                 "Keyword requests being handled (parsing, queued or generating).",
                 sampled.in_flight as u64,
+            ),
+            (
+                "kb_open_connections",
+                "gauge",
+                "Client connections being served (at most --max_connections).",
+                self.open_connections.load(Ordering::Relaxed),
+            ),
+            (
+                "kb_connections_total",
+                "counter",
+                "Client connections accepted.",
+                self.connections.load(Ordering::Relaxed),
+            ),
+            (
+                "kb_header_timeouts_total",
+                "counter",
+                "Connections closed for not sending a complete request head within --header_timeout_ms (idle keep-alive connections included).",
+                self.header_timeouts.load(Ordering::Relaxed),
             ),
             (
                 "kb_generated_tokens_total",

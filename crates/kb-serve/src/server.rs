@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use crate::backend::{Backend, BackendError, BackendOptions, Generate, ModelInfo};
 use crate::cli::Args;
+use crate::http::connections::{serve_connections, ConnectionOptions};
 use crate::http::{self, AppState, HttpOptions, SharedState};
 use crate::metrics::Metrics;
 use crate::queue::{panic_message, run_worker, BatchPolicy, Queue};
@@ -32,6 +33,8 @@ pub struct ServeOptions {
     pub max_queue: usize,
     /// Request limits, authentication and CORS.
     pub http: HttpOptions,
+    /// Connection limit and timeouts.
+    pub connections: ConnectionOptions,
 }
 
 /// Runs the server until SIGINT or SIGTERM (then returns `Ok` once in-flight requests are done),
@@ -59,7 +62,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 pub async fn serve(
     listener: TcpListener,
     options: ServeOptions,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let backend = options.backend.clone();
     serve_with(listener, options, move || load(&backend), shutdown).await
@@ -71,7 +74,7 @@ pub async fn serve_with<G, L>(
     listener: TcpListener,
     options: ServeOptions,
     load: L,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()>
 where
     G: Generate + 'static,
@@ -83,25 +86,19 @@ where
 
     let worker = Worker::spawn(state.clone(), receiver, options.batch, load)?;
     let app = http::router(state.clone(), &options.http);
-    let load_failed = worker.failed;
-    let load_error: Arc<std::sync::Mutex<Option<BackendError>>> = Arc::default();
-    let stop = {
-        let (state, load_error) = (state.clone(), load_error.clone());
-        async move {
-            tokio::select! {
-                () = shutdown => {}
-                Ok(e) = load_failed => {
-                    tracing::error!(error = %format!("{e:#}"), "the model could not be loaded; shutting down");
-                    *load_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                }
+    let mut load_failed = worker.failed;
+    let mut load_error = None;
+    let stop = async {
+        tokio::select! {
+            () = shutdown => {}
+            Ok(e) = &mut load_failed => {
+                tracing::error!(error = %format!("{e:#}"), "the model could not be loaded; shutting down");
+                load_error = Some(e);
             }
-            state.set_shutting_down();
         }
+        state.set_shutting_down();
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await
-        .context("the HTTP server failed")?;
+    serve_connections(listener, app, &options.connections, metrics, stop).await;
 
     worker.stop.store(true, Ordering::Release);
     let thread = worker.thread;
@@ -109,7 +106,7 @@ where
     if !matches!(joined, Ok(Ok(()))) {
         tracing::error!("the inference worker ended abnormally");
     }
-    if let Some(e) = load_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(e) = load_error {
         return Err(e.into());
     }
     tracing::info!("stopped");

@@ -6,8 +6,10 @@
 //! - [`middleware`]: the keyword-route guard, JSON error bodies, metrics and the access log;
 //! - [`error`]: [`ApiError`], every failure a client can see, with its status;
 //! - [`state`]: [`AppState`], what the handlers share, and a request's trip through the queue;
+//! - [`connections`]: accepting and serving connections with their limits and timeouts;
 //! - this module: the options, the router assembly and the OpenAPI document.
 
+pub mod connections;
 pub mod error;
 pub mod handlers;
 pub mod middleware;
@@ -25,6 +27,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+pub use connections::ConnectionOptions;
 pub use error::ApiError;
 pub use state::{AppState, SharedState};
 
