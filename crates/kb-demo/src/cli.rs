@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use clap::Parser;
+use kb_cli::at_least_one_u64;
 
 /// Options of `kb-demo`.
 #[derive(Debug, Clone, Parser)]
@@ -39,7 +40,7 @@ pub struct Args {
 
     /// Time limit of one proxied keyword request in milliseconds (504 beyond).
     #[arg(long = "timeout_ms", alias = "timeout-ms", env = "KB_DEMO_TIMEOUT_MS",
-          default_value_t = 60_000, value_parser = positive)]
+          default_value_t = 60_000, value_parser = at_least_one_u64())]
     pub timeout_ms: u64,
 
     /// API key of kb-serve (its --api_key), sent as `Authorization: Bearer KEY`.
@@ -53,7 +54,7 @@ pub struct Args {
 
     /// Longest sentence the page may send, in characters (422 beyond).
     #[arg(long = "max_query_chars", alias = "max-query-chars", env = "KB_DEMO_MAX_QUERY_CHARS",
-          default_value_t = 2_000, value_parser = positive)]
+          default_value_t = 2_000, value_parser = at_least_one_u64())]
     pub max_query_chars: u64,
 }
 
@@ -89,14 +90,6 @@ impl Args {
     /// The proxy's per-request time limit.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
-    }
-}
-
-fn positive(s: &str) -> Result<u64, String> {
-    match s.parse::<u64>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
     }
 }
 

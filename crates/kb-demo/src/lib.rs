@@ -16,10 +16,7 @@
 pub mod app;
 pub mod cli;
 
-use std::io::Write as _;
-
 use anyhow::Context as _;
-use tokio::net::TcpListener;
 
 pub use app::{router, AppState};
 pub use cli::Args;
@@ -31,48 +28,17 @@ pub use cli::Args;
 pub async fn run(args: Args) -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let state = AppState::new(&args)?;
-    let listener = TcpListener::bind((args.host.as_str(), args.port))
-        .await
-        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-    let addr = listener
-        .local_addr()
-        .context("cannot read the bound address")?;
-    {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "listening on http://{addr}");
-        let _ = out.flush();
-    }
+    let signals = kb_cli::server::ShutdownSignals::install()?;
+    let (listener, addr) = kb_cli::server::listen(&args.host, args.port).await?;
     tracing::info!(%addr, server = %state.server(), "kb-demo listening");
+    let shutdown = async move {
+        let name = signals.recv().await;
+        tracing::info!(signal = name, "shutting down");
+    };
     axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await
         .context("the HTTP server failed")?;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Resolves on the first SIGINT or SIGTERM (Ctrl-C elsewhere).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -1,14 +1,77 @@
 //! The model side: loading a [`KeywordModel`], the limits that follow from it, tokenizing
 //! queries for the HTTP layer, and batched generation for the inference worker.
+//!
+//! Independent of the command line and of HTTP: it takes a plain [`BackendOptions`] and fails
+//! with its own errors ([`BackendError`] at start-up, [`InputError`] for a request's input); the
+//! HTTP layer maps them onto status codes. Messages name the server option involved (`--…`),
+//! which is how operators and clients know the limits.
 
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
+use kb_core::candle_core::DType;
 use kb_core::keywords::{join_keywords, split_keywords};
 use kb_core::synonyms::Synonyms;
 use kb_core::{GenerationConfig, KeywordModel, KoTokenizer};
 
-use crate::cli::Args;
-use crate::error::ApiError;
+/// What the backend is started with: the model, its generation limits and the synonyms.
+#[derive(Debug, Clone)]
+pub struct BackendOptions {
+    /// Model folder or Hugging Face hub id.
+    pub model: String,
+    /// Weight dtype.
+    pub dtype: DType,
+    /// Device: `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Beams used when a request does not ask for a number.
+    pub num_beams: usize,
+    /// Largest `num_beams` a request may ask for.
+    pub max_num_beams: usize,
+    /// Decoder length limit (counting the start token); `None`: the model folder's setting,
+    /// capped at the model's positions.
+    pub max_length: Option<usize>,
+    /// Token limit per query; `None`: the model's positions.
+    pub max_input_tokens: Option<usize>,
+    /// Cut over-long queries instead of refusing them.
+    pub truncate: bool,
+    /// Most queries in one request.
+    pub max_client_batch_size: usize,
+    /// Synonyms file mapping keywords to canonical terms.
+    pub synonyms: Option<PathBuf>,
+}
+
+/// Why the backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The device could not be opened or parsed.
+    #[error("{0}")]
+    Device(kb_core::Error),
+    /// The model could not be found or loaded.
+    #[error("cannot load model `{model}`: {source}")]
+    Load {
+        /// The model as given.
+        model: String,
+        /// Why.
+        source: kb_core::Error,
+    },
+    /// The synonyms file is unreadable or malformed.
+    #[error("--synonyms: {0}")]
+    Synonyms(kb_core::Error),
+    /// A limit contradicts the model (e.g. a `max_length` beyond its positions).
+    #[error("{0}")]
+    Limits(String),
+    /// The warm-up generation failed.
+    #[error("warm-up: {0}")]
+    WarmUp(String),
+    /// Loading panicked.
+    #[error("loading the model panicked: {0}")]
+    Panicked(String),
+}
+
+/// Why a request's input is refused (well-formed, but empty, too long or out of range).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InputError(pub String);
 
 /// Generation settings that may differ between requests; requests are batched only with
 /// others that have the same settings.
@@ -56,18 +119,26 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Loads the model named by `--model` on `--device` with `--dtype`.
-    pub fn load(args: &Args) -> anyhow::Result<Self> {
-        let device = kb_core::parse_device(&args.device)?;
-        let model = KeywordModel::load(&args.model, args.dtype, &device)
-            .map_err(|e| anyhow::anyhow!("cannot load model `{}`: {e}", args.model))?;
+    /// Loads `options.model` on `options.device` with `options.dtype`, and the synonyms file.
+    pub fn load(options: &BackendOptions) -> Result<Self, BackendError> {
+        let device = kb_core::parse_device(&options.device).map_err(BackendError::Device)?;
+        let model = KeywordModel::load(&options.model, options.dtype, &device).map_err(|e| {
+            BackendError::Load {
+                model: options.model.clone(),
+                source: e,
+            }
+        })?;
+        let note = model.report.summary();
+        if !note.is_empty() {
+            tracing::warn!("{note}");
+        }
         let base = model.generation.clone();
-        let synonyms = args
+        let synonyms = options
             .synonyms
             .as_deref()
             .map(Synonyms::read)
             .transpose()
-            .map_err(|e| anyhow::anyhow!("--synonyms: {e}"))?;
+            .map_err(BackendError::Synonyms)?;
         Ok(Self {
             model,
             base,
@@ -76,53 +147,23 @@ impl Backend {
     }
 
     /// Works out the limits and defaults for this model and the given options.
-    pub fn info(&self, args: &Args) -> anyhow::Result<ModelInfo> {
-        let max_pos = self.model.config.max_position_embeddings;
-        let max_length = match args.max_length {
-            Some(n) if n > max_pos => anyhow::bail!(
-                "--max_length {n} exceeds the model's max_position_embeddings {max_pos}"
-            ),
-            Some(n) => n,
-            None => {
-                let from_folder = self.base.effective_max_length();
-                if from_folder > max_pos {
-                    tracing::warn!(
-                        from_folder,
-                        max_pos,
-                        "the model's generation max_length exceeds its positions; using max_position_embeddings"
-                    );
-                }
-                from_folder.clamp(2, max_pos.max(2))
-            }
-        };
-        let max_input_tokens = match args.max_input_tokens {
-            Some(n) if n > max_pos => anyhow::bail!(
-                "--max_input_tokens {n} exceeds the model's max_position_embeddings {max_pos}"
-            ),
-            Some(n) => n,
-            None => max_pos,
-        };
-        Ok(ModelInfo {
-            name: args.model.clone(),
-            tokenizer: self.model.tokenizer.clone(),
-            defaults: GenParams {
-                num_beams: args.num_beams,
-                max_length,
-            },
-            max_num_beams: args.max_num_beams,
-            max_input_tokens,
-            truncate: args.truncate,
-            max_client_batch_size: args.max_client_batch_size,
-        })
+    pub fn info(&self, options: &BackendOptions) -> Result<ModelInfo, BackendError> {
+        ModelInfo::new(
+            &options.model,
+            self.model.tokenizer.clone(),
+            &self.base,
+            self.model.config.max_position_embeddings,
+            options,
+        )
     }
 
     /// Runs one generation so that the first request does not pay for lazy initialisation.
-    pub fn warm_up(&self, info: &ModelInfo) -> anyhow::Result<std::time::Duration> {
+    pub fn warm_up(&self, info: &ModelInfo) -> Result<Duration, BackendError> {
         let started = Instant::now();
         let ids = info
             .tokenizer
             .encode("이사화물 통관예약을 하면 뭐가 좋나요?")
-            .map_err(|e| anyhow::anyhow!("warm-up: {e}"))?;
+            .map_err(|e| BackendError::WarmUp(e.to_string()))?;
         let mut ids = if ids.is_empty() {
             vec![info.tokenizer.special().eos[0]]
         } else {
@@ -130,7 +171,7 @@ impl Backend {
         };
         ids.truncate(info.max_input_tokens);
         self.generate(&[ids], info.defaults, &mut |_, _| {}, &|_| true)
-            .map_err(|e| anyhow::anyhow!("warm-up generation failed: {e}"))?;
+            .map_err(|e| BackendError::WarmUp(format!("generation failed: {e}")))?;
         Ok(started.elapsed())
     }
 }
@@ -207,16 +248,67 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// The limits and defaults of a model named `name` (as given to `--model`) with `tokenizer`,
+    /// generation settings `generation` from its folder and `max_pos` positions, under `options`.
+    pub fn new(
+        name: &str,
+        tokenizer: KoTokenizer,
+        generation: &GenerationConfig,
+        max_pos: usize,
+        options: &BackendOptions,
+    ) -> Result<Self, BackendError> {
+        let max_length = match options.max_length {
+            Some(n) if n > max_pos => {
+                return Err(BackendError::Limits(format!(
+                    "--max_length {n} exceeds the model's max_position_embeddings {max_pos}"
+                )))
+            }
+            Some(n) => n,
+            None => {
+                let from_folder = generation.effective_max_length();
+                if from_folder > max_pos {
+                    tracing::warn!(
+                        from_folder,
+                        max_pos,
+                        "the model's generation max_length exceeds its positions; using max_position_embeddings"
+                    );
+                }
+                from_folder.clamp(2, max_pos.max(2))
+            }
+        };
+        let max_input_tokens = match options.max_input_tokens {
+            Some(n) if n > max_pos => {
+                return Err(BackendError::Limits(format!(
+                    "--max_input_tokens {n} exceeds the model's max_position_embeddings {max_pos}"
+                )))
+            }
+            Some(n) => n,
+            None => max_pos,
+        };
+        Ok(ModelInfo {
+            name: name.to_string(),
+            tokenizer,
+            defaults: GenParams {
+                num_beams: options.num_beams,
+                max_length,
+            },
+            max_num_beams: options.max_num_beams,
+            max_input_tokens,
+            truncate: options.truncate,
+            max_client_batch_size: options.max_client_batch_size,
+        })
+    }
+
     /// The generation settings for a request, checking the asked-for values against the limits.
     pub fn params(
         &self,
         num_beams: Option<usize>,
         max_length: Option<usize>,
-    ) -> Result<GenParams, ApiError> {
+    ) -> Result<GenParams, InputError> {
         let mut p = self.defaults;
         if let Some(n) = num_beams {
             if n == 0 || n > self.max_num_beams {
-                return Err(ApiError::Unprocessable(format!(
+                return Err(InputError(format!(
                     "field `num_beams` must be between 1 and {} (--max_num_beams), got {n}",
                     self.max_num_beams
                 )));
@@ -225,7 +317,7 @@ impl ModelInfo {
         }
         if let Some(n) = max_length {
             if n < 2 || n > self.defaults.max_length {
-                return Err(ApiError::Unprocessable(format!(
+                return Err(InputError(format!(
                     "field `max_length` must be between 2 and {} (--max_length), got {n}",
                     self.defaults.max_length
                 )));
@@ -241,26 +333,26 @@ impl ModelInfo {
         &self,
         queries: &[String],
         field: impl Fn(usize) -> String,
-    ) -> Result<Vec<Vec<u32>>, ApiError> {
+    ) -> Result<Vec<Vec<u32>>, InputError> {
         queries
             .iter()
             .enumerate()
             .map(|(i, q)| {
                 if q.trim().is_empty() {
-                    return Err(ApiError::Unprocessable(format!("field {} is empty", field(i))));
+                    return Err(InputError(format!("field {} is empty", field(i))));
                 }
                 let mut ids = self.tokenizer.encode(q).map_err(|e| {
-                    ApiError::Unprocessable(format!("field {} cannot be tokenized: {e}", field(i)))
+                    InputError(format!("field {} cannot be tokenized: {e}", field(i)))
                 })?;
                 if ids.is_empty() {
-                    return Err(ApiError::Unprocessable(format!(
+                    return Err(InputError(format!(
                         "field {} has no tokens after tokenization",
                         field(i)
                     )));
                 }
                 if ids.len() > self.max_input_tokens {
                     if !self.truncate {
-                        return Err(ApiError::Unprocessable(format!(
+                        return Err(InputError(format!(
                             "field {} has {} tokens; the limit is {} (--max_input_tokens; start the server with --truncate to cut instead)",
                             field(i),
                             ids.len(),

@@ -5,7 +5,14 @@ use std::time::Duration;
 
 use clap::builder::FalseyValueParser;
 use clap::{Parser, ValueEnum};
-use kb_core::candle_core::DType;
+use kb_cli::model::ModelArgs;
+use kb_cli::{at_least_one, at_least_one_u64};
+
+use crate::backend::BackendOptions;
+use crate::http::connections::{DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
+use crate::http::{ConnectionOptions, HttpOptions};
+use crate::queue::BatchPolicy;
+use crate::server::ServeOptions;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -27,21 +34,26 @@ pub enum LogFormat {
         GET /health, GET /ready, GET /metrics, GET /openapi.json.\n\n\
         Every option can also be set from the environment variable shown next to it, and \
         `--snake_case` options also accept their `--kebab-case` spelling.",
-    after_help = "Log verbosity follows RUST_LOG (default: info). On startup the bound address is \
-        printed on stdout as `listening on http://HOST:PORT`."
+    after_help = "Hostile and overwhelming clients: at most --max_connections connections are \
+        served at once (more wait in the listen backlog until one closes); a connection must send \
+        a complete request head within --header_timeout_ms of opening or of its previous response \
+        (this also closes idle keep-alive connections); a keyword request gets --timeout_ms from \
+        its request head to its answer, reading the body included (504 beyond); at most \
+        --max_concurrent keyword requests are handled and --max_queue wait for the model (503 + \
+        Retry-After beyond); bodies are limited to --max_body_bytes (413 beyond). On SIGINT or \
+        SIGTERM the server stops accepting, closes idle connections, and answers the requests in \
+        flight before exiting.\n\n\
+        Log verbosity follows RUST_LOG (default: info). On startup the bound address is \
+        printed on stdout as `listening on http://HOST:PORT`.",
+    mut_arg("model", |a| a
+        .required(true)
+        .help("Model folder (config.json, tokenizer.json, weights) or Hugging Face hub id resolved \
+            through the local cache (e.g. gogamza/kobart-base-v1)")),
 )]
 pub struct Args {
-    /// Model folder or Hugging Face hub id (e.g. gogamza/kobart-base-v1).
-    #[arg(long, env = "KB_MODEL")]
-    pub model: String,
-
-    /// Device to run the model on: cpu, cuda or cuda:N.
-    #[arg(long, env = "KB_DEVICE", default_value = "cpu")]
-    pub device: String,
-
-    /// Weight dtype: f32, f16 or bf16.
-    #[arg(long, env = "KB_DTYPE", default_value = "f32", value_parser = kb_core::parse_dtype)]
-    pub dtype: DType,
+    /// The model (--model, required), its dtype (--dtype) and device (--device).
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Address to listen on. Loopback by default; use 0.0.0.0 to listen on all interfaces.
     #[arg(long, env = "KB_HOST", default_value = "127.0.0.1")]
@@ -53,23 +65,23 @@ pub struct Args {
 
     /// Beams used when a request does not ask for a number (the original server used 5).
     #[arg(long = "num_beams", alias = "num-beams", env = "KB_NUM_BEAMS", default_value_t = 5,
-          value_parser = positive)]
+          value_parser = at_least_one())]
     pub num_beams: usize,
 
     /// Largest `num_beams` a request may ask for.
     #[arg(long = "max_num_beams", alias = "max-num-beams", env = "KB_MAX_NUM_BEAMS",
-          default_value_t = 16, value_parser = positive)]
+          default_value_t = 16, value_parser = at_least_one())]
     pub max_num_beams: usize,
 
     /// Decoder length limit counting the start token (transformers' `max_length`), and the
     /// largest `max_length` a request may ask for. Default: the model folder's generation
     /// settings, capped at the model's max_position_embeddings.
-    #[arg(long = "max_length", alias = "max-length", env = "KB_MAX_LENGTH", value_parser = positive)]
+    #[arg(long = "max_length", alias = "max-length", env = "KB_MAX_LENGTH", value_parser = at_least_one())]
     pub max_length: Option<usize>,
 
     /// Most queries run together in one batched generation.
     #[arg(long = "max_batch_size", alias = "max-batch-size", env = "KB_MAX_BATCH_SIZE",
-          default_value_t = 16, value_parser = positive)]
+          default_value_t = 16, value_parser = at_least_one())]
     pub max_batch_size: usize,
 
     /// How long the batcher waits for more requests after the first one of a batch arrived, or
@@ -84,23 +96,23 @@ pub struct Args {
 
     /// Keyword requests allowed to wait for the model; beyond it requests get 503 + Retry-After.
     #[arg(long = "max_queue", alias = "max-queue", env = "KB_MAX_QUEUE", default_value_t = 256,
-          value_parser = positive)]
+          value_parser = at_least_one())]
     pub max_queue: usize,
 
     /// Keyword requests handled at once (parsing, queued or generating); beyond it 503 + Retry-After.
     #[arg(long = "max_concurrent", alias = "max-concurrent", env = "KB_MAX_CONCURRENT",
-          default_value_t = 512, value_parser = positive)]
+          default_value_t = 512, value_parser = at_least_one())]
     pub max_concurrent: usize,
 
     /// Most queries in one `POST /v1/keywords` request (422 beyond).
     #[arg(long = "max_client_batch_size", alias = "max-client-batch-size",
-          env = "KB_MAX_CLIENT_BATCH_SIZE", default_value_t = 32, value_parser = positive)]
+          env = "KB_MAX_CLIENT_BATCH_SIZE", default_value_t = 32, value_parser = at_least_one())]
     pub max_client_batch_size: usize,
 
     /// Token limit per query (422 beyond, unless --truncate). Default: the model's
     /// max_position_embeddings.
     #[arg(long = "max_input_tokens", alias = "max-input-tokens", env = "KB_MAX_INPUT_TOKENS",
-          value_parser = positive)]
+          value_parser = at_least_one())]
     pub max_input_tokens: Option<usize>,
 
     /// Cut queries longer than --max_input_tokens instead of answering 422.
@@ -109,12 +121,13 @@ pub struct Args {
 
     /// Largest request body in bytes (413 beyond).
     #[arg(long = "max_body_bytes", alias = "max-body-bytes", env = "KB_MAX_BODY_BYTES",
-          default_value_t = 1 << 20, value_parser = positive)]
+          default_value_t = 1 << 20, value_parser = at_least_one())]
     pub max_body_bytes: usize,
 
-    /// Time limit of one keyword request in milliseconds, queueing included (504 beyond).
+    /// Time limit of one keyword request in milliseconds, from its request head to its answer:
+    /// reading the body, queueing and generation included (504 beyond).
     #[arg(long = "timeout_ms", alias = "timeout-ms", env = "KB_TIMEOUT_MS", default_value_t = 60_000,
-          value_parser = positive_u64)]
+          value_parser = at_least_one_u64())]
     pub timeout_ms: u64,
 
     /// When set, keyword routes require `Authorization: Bearer KEY` (401 otherwise);
@@ -142,6 +155,18 @@ pub struct Args {
     /// removed, and `text` (and the seed route's `result`) is the mapped keywords joined by ", ".
     #[arg(long, env = "KB_SYNONYMS", value_name = "FILE")]
     pub synonyms: Option<std::path::PathBuf>,
+
+    /// Most client connections served at once. Beyond it new connections are not refused: they
+    /// wait in the kernel's listen backlog until a served connection closes.
+    #[arg(long = "max_connections", alias = "max-connections", env = "KB_MAX_CONNECTIONS",
+          default_value_t = DEFAULT_MAX_CONNECTIONS, value_parser = at_least_one())]
+    pub max_connections: usize,
+
+    /// Time a connection has to send a complete request head, counted from its opening or from
+    /// its previous response (ms); slower connections and idle keep-alive connections are closed.
+    #[arg(long = "header_timeout_ms", alias = "header-timeout-ms", env = "KB_HEADER_TIMEOUT_MS",
+          default_value_t = DEFAULT_HEADER_TIMEOUT.as_millis() as u64, value_parser = at_least_one_u64())]
+    pub header_timeout_ms: u64,
 
     /// Log format on stderr.
     #[arg(long = "log_format", alias = "log-format", env = "KB_LOG_FORMAT", value_enum,
@@ -192,18 +217,49 @@ impl Args {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.timeout_ms)
     }
-}
 
-fn positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    /// The header read timeout of connections.
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms)
     }
-}
 
-fn positive_u64(s: &str) -> Result<u64, String> {
-    positive(s).map(|n| n as u64)
+    /// What the server runs with, once the options are checked ([`Args::validate`]).
+    pub fn options(&self) -> Result<ServeOptions, String> {
+        self.validate()?;
+        Ok(ServeOptions {
+            backend: BackendOptions {
+                model: self.model.spec().to_string(),
+                dtype: self.model.dtype,
+                device: self.model.device.clone(),
+                num_beams: self.num_beams,
+                max_num_beams: self.max_num_beams,
+                max_length: self.max_length,
+                max_input_tokens: self.max_input_tokens,
+                truncate: self.truncate,
+                max_client_batch_size: self.max_client_batch_size,
+                synonyms: self.synonyms.clone(),
+            },
+            batch: BatchPolicy {
+                max_batch_size: self.max_batch_size,
+                max_wait: self.max_wait(),
+            },
+            max_queue: self.max_queue,
+            http: HttpOptions {
+                max_concurrent: self.max_concurrent,
+                max_body_bytes: self.max_body_bytes,
+                timeout: self.timeout(),
+                api_key: self.api_key.clone(),
+                cors_origin: self.cors_origin.clone(),
+            },
+            connections: ConnectionOptions {
+                max_connections: self.max_connections,
+                header_timeout: self.header_timeout(),
+                // Requests in flight finish within their time limit, and a request head being
+                // read within the header timeout.
+                shutdown_grace: self.timeout() + self.header_timeout() + Duration::from_secs(1),
+            },
+        })
+    }
 }
 
 #[cfg(test)]
@@ -234,6 +290,27 @@ mod tests {
         assert_eq!(a.host, "127.0.0.1");
         assert_eq!(a.port, 8459);
         assert!(!a.truncate);
+        assert_eq!((a.max_connections, a.header_timeout_ms), (1024, 10_000));
+        let a = Args::try_parse_from([
+            "kb-serve",
+            "--model",
+            "m",
+            "--max-connections",
+            "3",
+            "--header_timeout_ms",
+            "250",
+        ])
+        .unwrap();
+        let o = a.options().unwrap();
+        assert_eq!(o.connections.max_connections, 3);
+        assert_eq!(o.connections.header_timeout, Duration::from_millis(250));
+        assert_eq!(o.backend.model, "m");
+    }
+
+    #[test]
+    fn the_model_is_required() {
+        let e = Args::try_parse_from(["kb-serve"]).unwrap_err();
+        assert!(e.to_string().contains("--model"), "{e}");
     }
 
     #[test]
@@ -241,6 +318,9 @@ mod tests {
         assert!(
             Args::try_parse_from(["kb-serve", "--model", "m", "--max_batch_size", "0"]).is_err()
         );
+        for flag in ["--max_connections", "--header_timeout_ms", "--timeout_ms"] {
+            assert!(Args::try_parse_from(["kb-serve", "--model", "m", flag, "0"]).is_err());
+        }
         let a = Args::try_parse_from(["kb-serve", "--model", "m", "--num_beams", "20"]).unwrap();
         assert!(a.validate().unwrap_err().contains("--max_num_beams"));
         let a = Args::try_parse_from(["kb-serve", "--model", "m", "--max_length", "1"]).unwrap();
@@ -274,6 +354,10 @@ mod tests {
             "KB_API_KEY",
             "KB_MAX_WAIT_MS",
             "KB_SYNONYMS",
+            "KB_MAX_CONNECTIONS",
+            "KB_HEADER_TIMEOUT_MS",
+            "KB_DTYPE",
+            "KB_DEVICE",
         ] {
             assert!(help.contains(var), "{var} missing from --help");
         }

@@ -5,8 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Bucket bounds of the request latency histogram, in seconds.
@@ -71,6 +71,16 @@ impl Histogram {
     }
 }
 
+/// Gauges the server samples when `/metrics` is read (they live with what they measure: the
+/// queue and the concurrency limit).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sampled {
+    /// Keyword requests waiting for the model (queued or being gathered into a batch).
+    pub queue_depth: usize,
+    /// Keyword requests being handled (parsing, queued or generating).
+    pub in_flight: usize,
+}
+
 /// All server metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -78,11 +88,12 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<String, Histogram>>,
     batch_size: Mutex<Histogram>,
     inference: Mutex<Histogram>,
-    /// Keyword requests waiting for the model (queued or being gathered into a batch).
-    pub queue_depth: AtomicUsize,
     generated_tokens: AtomicU64,
     queries: AtomicU64,
     dropped: AtomicU64,
+    connections: AtomicU64,
+    open_connections: AtomicU64,
+    header_timeouts: AtomicU64,
     ready: AtomicBool,
 }
 
@@ -93,12 +104,24 @@ impl Default for Metrics {
             latency: Mutex::default(),
             batch_size: Mutex::new(Histogram::new(BATCH_BUCKETS)),
             inference: Mutex::new(Histogram::new(LATENCY_BUCKETS)),
-            queue_depth: AtomicUsize::new(0),
             generated_tokens: AtomicU64::new(0),
             queries: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            open_connections: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
             ready: AtomicBool::new(false),
         }
+    }
+}
+
+/// An open connection, counted in `kb_open_connections` until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -134,6 +157,18 @@ impl Metrics {
         self.dropped.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Records an accepted connection; it counts as open until the guard is dropped.
+    pub fn open_connection(self: &Arc<Self>) -> OpenConnection {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+
+    /// Records a connection closed for not sending a complete request head in time.
+    pub fn record_header_timeout(&self) {
+        self.header_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Marks the model as loaded and warm.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
@@ -144,8 +179,8 @@ impl Metrics {
         lock(&self.batch_size).clone()
     }
 
-    /// The Prometheus text exposition of every metric; `in_flight` is sampled by the caller.
-    pub fn render(&self, in_flight: usize) -> String {
+    /// The Prometheus text exposition of every metric, with the gauges the caller sampled.
+    pub fn render(&self, sampled: &Sampled) -> String {
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP kb_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE kb_requests_total counter\n");
@@ -171,18 +206,36 @@ impl Metrics {
         out.push_str("# HELP kb_inference_duration_seconds Time of one batched generation.\n");
         out.push_str("# TYPE kb_inference_duration_seconds histogram\n");
         lock(&self.inference).render(&mut out, "kb_inference_duration_seconds", "");
-        let gauges: [(&str, &str, &str, u64); 6] = [
+        let gauges: [(&str, &str, &str, u64); 9] = [
             (
                 "kb_queue_depth",
                 "gauge",
                 "Keyword requests waiting for the model.",
-                self.queue_depth.load(Ordering::Relaxed) as u64,
+                sampled.queue_depth as u64,
             ),
             (
                 "kb_keyword_requests_in_flight",
                 "gauge",
                 "Keyword requests being handled (parsing, queued or generating).",
-                in_flight as u64,
+                sampled.in_flight as u64,
+            ),
+            (
+                "kb_open_connections",
+                "gauge",
+                "Client connections being served (at most --max_connections).",
+                self.open_connections.load(Ordering::Relaxed),
+            ),
+            (
+                "kb_connections_total",
+                "counter",
+                "Client connections accepted.",
+                self.connections.load(Ordering::Relaxed),
+            ),
+            (
+                "kb_header_timeouts_total",
+                "counter",
+                "Connections closed for not sending a complete request head within --header_timeout_ms (idle keep-alive connections included).",
+                self.header_timeouts.load(Ordering::Relaxed),
             ),
             (
                 "kb_generated_tokens_total",
@@ -237,7 +290,10 @@ mod tests {
         m.record_request("/v1/keywords", 200, Duration::from_millis(300));
         m.record_request("/v1/keywords", 422, Duration::from_millis(1));
         m.record_batch(3, 12, Duration::from_millis(50));
-        let text = m.render(2);
+        let text = m.render(&Sampled {
+            in_flight: 2,
+            ..Sampled::default()
+        });
         assert!(
             text.contains("kb_requests_total{route=\"/v1/keywords\",status=\"200\"} 2"),
             "{text}"

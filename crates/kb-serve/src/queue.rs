@@ -12,7 +12,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,52 +68,97 @@ pub enum SubmitError {
     Closed,
 }
 
+/// Admission to the queue: how many jobs wait for the model (queued or being gathered into a
+/// batch), never more than the capacity (`--max_queue`).
+#[derive(Debug)]
+pub struct QueueDepth {
+    waiting: AtomicUsize,
+    capacity: usize,
+}
+
+impl QueueDepth {
+    /// An empty queue admitting at most `capacity` waiting jobs.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            waiting: AtomicUsize::new(0),
+            capacity,
+        }
+    }
+
+    /// Admits one more job, unless `capacity` jobs already wait.
+    pub fn try_admit(&self) -> bool {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d < self.capacity).then_some(d + 1)
+            })
+            .is_ok()
+    }
+
+    /// Marks `n` admitted jobs as no longer waiting (taken into a batch, or never queued).
+    pub fn release(&self, n: usize) {
+        self.waiting.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Jobs waiting now.
+    pub fn get(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// The most jobs that may wait.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
 /// The sending side of the job queue, bounded to `capacity` waiting jobs.
 #[derive(Debug, Clone)]
 pub struct Queue {
     tx: mpsc::Sender<Job>,
-    capacity: usize,
-    metrics: Arc<Metrics>,
+    depth: Arc<QueueDepth>,
 }
 
 /// The receiving side, handed to [`run_worker`].
 #[derive(Debug)]
 pub struct QueueReceiver {
     rx: mpsc::Receiver<Job>,
+    depth: Arc<QueueDepth>,
     metrics: Arc<Metrics>,
 }
 
 impl Queue {
-    /// A queue holding at most `capacity` waiting jobs; its depth is kept in `metrics.queue_depth`.
+    /// A queue holding at most `capacity` waiting jobs; the worker records its batches in
+    /// `metrics`.
     pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Queue, QueueReceiver) {
         let (tx, rx) = mpsc::channel();
+        let depth = Arc::new(QueueDepth::new(capacity));
         (
             Queue {
                 tx,
-                capacity,
-                metrics: metrics.clone(),
+                depth: depth.clone(),
             },
-            QueueReceiver { rx, metrics },
+            QueueReceiver { rx, depth, metrics },
         )
     }
 
     /// Enqueues a job without blocking.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
-        let depth = &self.metrics.queue_depth;
-        depth
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
-                (d < self.capacity).then_some(d + 1)
-            })
-            .map_err(|_| SubmitError::Full)?;
+        if !self.depth.try_admit() {
+            return Err(SubmitError::Full);
+        }
         self.tx.send(job).map_err(|_| {
-            depth.fetch_sub(1, Ordering::AcqRel);
+            self.depth.release(1);
             SubmitError::Closed
         })
     }
 
     /// The configured capacity.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.depth.capacity()
+    }
+
+    /// Jobs waiting for the model now.
+    pub fn depth(&self) -> usize {
+        self.depth.get()
     }
 }
 
@@ -136,7 +181,7 @@ pub fn run_worker<G: Generate>(
     policy: BatchPolicy,
     shutdown: &AtomicBool,
 ) {
-    let QueueReceiver { rx, metrics } = queue;
+    let QueueReceiver { rx, depth, metrics } = queue;
     let mut backlog: VecDeque<Job> = VecDeque::new();
     // When the worker last finished a batch: the batching window opens no earlier.
     let mut free_since = Instant::now();
@@ -154,7 +199,7 @@ pub fn run_worker<G: Generate>(
             }
         }
         let batch = gather(&rx, &mut backlog, policy, free_since);
-        metrics.queue_depth.fetch_sub(batch.len(), Ordering::AcqRel);
+        depth.release(batch.len());
         run_batch(backend, batch, policy.max_batch_size, &metrics);
         free_since = Instant::now();
     }
@@ -462,15 +507,16 @@ mod tests {
         )
     }
 
-    fn run(fake: &Fake, jobs: Vec<Job>, policy: BatchPolicy) -> Arc<Metrics> {
+    fn run(fake: &Fake, jobs: Vec<Job>, policy: BatchPolicy) -> (Arc<Metrics>, Arc<QueueDepth>) {
         let metrics = Arc::new(Metrics::default());
         let (queue, rx) = Queue::new(100, metrics.clone());
         for j in jobs {
             queue.submit(j).unwrap();
         }
         drop(queue);
+        let depth = rx.depth.clone();
         run_worker(fake, rx, policy, &AtomicBool::new(false));
-        metrics
+        (metrics, depth)
     }
 
     fn answer(rx: oneshot::Receiver<Result<JobResult, JobError>>) -> Result<JobResult, JobError> {
@@ -494,7 +540,7 @@ mod tests {
             max_batch_size: 8,
             max_wait: Duration::ZERO,
         };
-        let metrics = run(&fake, jobs, policy);
+        let (metrics, queue) = run(&fake, jobs, policy);
         assert_eq!(*fake.batches.lock().unwrap(), vec![(3, P), (2, other)]);
         for (i, rx) in rxs.into_iter().enumerate() {
             let r = answer(rx).unwrap();
@@ -504,7 +550,7 @@ mod tests {
                 "answers go to the right request"
             );
         }
-        assert_eq!(metrics.queue_depth.load(Ordering::Relaxed), 0);
+        assert_eq!(queue.get(), 0);
         assert_eq!(metrics.batch_sizes().count(), 2);
     }
 
@@ -627,7 +673,9 @@ mod tests {
             vec![9],
             "its row was given up"
         );
-        assert!(metrics.render(0).contains("kb_dropped_requests_total 1"));
+        assert!(metrics
+            .render(&Default::default())
+            .contains("kb_dropped_requests_total 1"));
     }
 
     #[test]
@@ -642,11 +690,13 @@ mod tests {
             max_batch_size: 8,
             max_wait: Duration::ZERO,
         };
-        let metrics = run(&fake, vec![a, b, c], policy);
+        let (metrics, _) = run(&fake, vec![a, b, c], policy);
         assert_eq!(answer(ra).unwrap_err(), JobError::Timeout);
         assert!(answer(rc).is_ok());
         assert_eq!(*fake.batches.lock().unwrap(), vec![(1, P)]);
-        assert!(metrics.render(0).contains("kb_dropped_requests_total 2"));
+        assert!(metrics
+            .render(&Default::default())
+            .contains("kb_dropped_requests_total 2"));
     }
 
     #[test]
@@ -717,15 +767,15 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_jobs() {
         let metrics = Arc::new(Metrics::default());
-        let (queue, rx) = Queue::new(1, metrics.clone());
+        let (queue, rx) = Queue::new(1, metrics);
         let (a, _ra) = job(1, P);
         let (b, _rb) = job(2, P);
         queue.submit(a).unwrap();
         assert_eq!(queue.submit(b).unwrap_err(), SubmitError::Full);
         drop(rx);
         let (c, _rc) = job(3, P);
-        metrics.queue_depth.store(0, Ordering::Relaxed);
+        queue.depth.release(1);
         assert_eq!(queue.submit(c).unwrap_err(), SubmitError::Closed);
-        assert_eq!(metrics.queue_depth.load(Ordering::Relaxed), 0);
+        assert_eq!(queue.depth(), 0);
     }
 }

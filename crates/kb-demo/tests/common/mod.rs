@@ -6,15 +6,11 @@
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use clap::Parser as _;
-use kb_serve::backend::Backend;
-use kb_serve::metrics::Metrics;
-use kb_serve::queue::{run_worker, BatchPolicy, Queue};
-use kb_serve::router::{self, AppState, SharedState};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -27,16 +23,13 @@ pub const MODEL: &str = concat!(
 /// The original page's message for any failure.
 pub const ERROR_MESSAGE: &str = "현재 문제가 발생했습니다. 잠시후 다시 시도해 주세요. 문제가 계속되는 경우 관리자에게 연락바랍니다.";
 
-/// kb-serve running inside the test process on the fixture model; stopped by [`KbServe::stop`]
-/// or when dropped.
+/// kb-serve running inside the test process on the fixture model (through `kb_serve::serve`);
+/// stopped by [`KbServe::stop`] or when dropped.
 pub struct KbServe {
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    state: SharedState,
     shutdown: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    stop_worker: Arc<AtomicBool>,
-    worker: Option<std::thread::JoinHandle<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl KbServe {
@@ -53,48 +46,22 @@ impl KbServe {
     /// Like [`KbServe::start`] with another model folder and extra kb-serve options.
     pub async fn start_with(model: &str, extra: &[&str]) -> KbServe {
         let base = ["kb-serve", "--model", model, "--port", "0"];
-        let args =
-            kb_serve::Args::try_parse_from(base.iter().chain(extra)).expect("kb-serve options");
-        let metrics = Arc::new(Metrics::default());
-        let (queue, receiver) = Queue::new(args.max_queue, metrics.clone());
-        let state: SharedState = Arc::new(AppState::new(&args, queue, metrics));
+        let options = kb_serve::Args::try_parse_from(base.iter().chain(extra))
+            .expect("kb-serve options")
+            .options()
+            .expect("valid kb-serve options");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind kb-serve");
         let base = format!("http://{}", listener.local_addr().expect("address"));
-
-        let stop_worker = Arc::new(AtomicBool::new(false));
-        let worker = {
-            let (args, state, stop) = (args.clone(), state.clone(), stop_worker.clone());
-            std::thread::spawn(move || {
-                let backend = Backend::load(&args).expect("the fixture model loads");
-                let info = backend.info(&args).expect("model info");
-                backend.warm_up(&info).expect("warm-up");
-                state.set_ready(info);
-                let policy = BatchPolicy {
-                    max_batch_size: args.max_batch_size,
-                    max_wait: args.max_wait(),
-                };
-                run_worker(&backend, receiver, policy, &stop);
-            })
-        };
-
-        let app = router::build(state.clone(), &args);
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        });
-        let server = KbServe {
+        let task = tokio::spawn(kb_serve::serve(listener, options, async move {
+            let _ = rx.await;
+        }));
+        let mut server = KbServe {
             base,
-            state,
             shutdown: Some(tx),
             task: Some(task),
-            stop_worker,
-            worker: Some(worker),
         };
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -103,28 +70,27 @@ impl KbServe {
                     return server;
                 }
             }
+            if server.task.as_ref().is_some_and(|t| t.is_finished()) {
+                let ended = server.task.take().expect("task").await;
+                panic!("kb-serve stopped before it was ready: {ended:?}");
+            }
             assert!(Instant::now() < deadline, "kb-serve never became ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
-    /// Stops serving: the port is closed once this returns.
+    /// Stops serving (gracefully): the port is closed once this returns.
     pub async fn stop(&mut self) {
-        self.state.set_shutting_down();
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(Duration::from_secs(10), &mut task)
-                .await
-                .is_err()
-            {
-                task.abort();
+            match tokio::time::timeout(Duration::from_secs(10), &mut task).await {
+                Ok(ended) => ended
+                    .expect("kb-serve did not panic")
+                    .expect("kb-serve stopped cleanly"),
+                Err(_) => task.abort(),
             }
-        }
-        self.stop_worker.store(true, Ordering::Release);
-        if let Some(worker) = self.worker.take() {
-            let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         }
     }
 }
@@ -134,10 +100,10 @@ impl Drop for KbServe {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        // Aborting drops the server: its connections close and its inference worker stops.
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        self.stop_worker.store(true, Ordering::Release);
     }
 }
 

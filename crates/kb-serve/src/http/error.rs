@@ -1,22 +1,16 @@
 //! API errors: every failure a client can see, with its HTTP status and a JSON body
-//! `{"error": "…"}` that names the request field or server option involved.
+//! `{"error": "…"}` ([`ErrorBody`]) that names the request field or server option involved.
+//! The backend's own errors are mapped here.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+
+use super::types::ErrorBody;
+use crate::backend::InputError;
 
 /// Seconds a client is told to wait (`Retry-After`) when the server is overloaded or loading.
 pub const RETRY_AFTER_SECS: u64 = 1;
-
-/// The body of every error response.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong, naming the field or option involved.
-    #[schema(example = "field `query` is empty")]
-    pub error: String,
-}
 
 /// Everything a request can fail with.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -66,6 +60,13 @@ impl ApiError {
     }
 }
 
+/// A request's input refused by the backend: 422.
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> Self {
+        ApiError::Unprocessable(e.0)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
@@ -109,6 +110,10 @@ mod tests {
         assert_eq!(
             ApiError::Unauthorized.into_response().headers()[header::WWW_AUTHENTICATE],
             "Bearer"
+        );
+        assert_eq!(
+            ApiError::from(InputError("field `query` is empty".into())).status(),
+            StatusCode::UNPROCESSABLE_ENTITY
         );
     }
 }
