@@ -693,8 +693,14 @@ impl Int8Kernel {
             .map_err(candle_core::Error::msg)
     }
 
-    /// The tile function and its rows per tile.
+    /// The tile function and its rows per tile. Panics if the CPU cannot run the kernel (the
+    /// x86 tile functions rely on that check).
     fn tile(self) -> Tile {
+        assert!(
+            self.is_supported(),
+            "the {} int8 kernel on a CPU without it",
+            self.name()
+        );
         match self {
             Int8Kernel::Portable => Tile {
                 rows: PORTABLE_ROWS,
@@ -796,11 +802,11 @@ mod x86 {
             .read_unaligned()
     }
 
-    /// AVX2 kernel (see [`super::TileFn`]); only chosen when the CPU has AVX2.
+    /// AVX2 kernel (see [`super::TileFn`]); handed out only when the CPU has AVX2.
     pub(super) fn avx2_tile(xq: &[u8], stride: usize, rows: usize, block: &[Group], acc: &mut Acc) {
         check_tile(xq, stride, rows, block, AVX2_ROWS);
-        // SAFETY: the CPU has AVX2 (checked before this kernel is chosen); the bounds were
-        // checked above and each instantiation reads rows `0..R` of `xq`.
+        // SAFETY: the CPU has AVX2 (`Int8Kernel::tile`, the only way to this function, asserts
+        // it); the bounds were checked above and each instantiation reads rows `0..R` of `xq`.
         unsafe {
             match rows {
                 6 => avx2_rows::<6>(xq, stride, block, acc),
@@ -846,7 +852,7 @@ mod x86 {
         }
     }
 
-    /// AVX-VNNI kernel (see [`super::TileFn`]); only chosen when the CPU has AVX2 and AVX-VNNI.
+    /// AVX-VNNI kernel (see [`super::TileFn`]); handed out only when the CPU has AVX2 and AVX-VNNI.
     pub(super) fn avxvnni_tile(
         xq: &[u8],
         stride: usize,
@@ -855,8 +861,9 @@ mod x86 {
         acc: &mut Acc,
     ) {
         check_tile(xq, stride, rows, block, AVXVNNI_ROWS);
-        // SAFETY: the CPU has AVX2 and AVX-VNNI (checked before this kernel is chosen); the
-        // bounds were checked above and each instantiation reads rows `0..R` of `xq`.
+        // SAFETY: the CPU has AVX2 and AVX-VNNI (`Int8Kernel::tile`, the only way to this
+        // function, asserts it); the bounds were checked above and each instantiation reads rows
+        // `0..R` of `xq`.
         unsafe {
             match rows {
                 6 => avxvnni_rows::<6, 1>(xq, stride, block, acc),
@@ -925,7 +932,7 @@ mod x86 {
         }
     }
 
-    /// AVX512-VNNI kernel (see [`super::TileFn`]); only chosen when the CPU has AVX512F,
+    /// AVX512-VNNI kernel (see [`super::TileFn`]); handed out only when the CPU has AVX512F,
     /// AVX512BW and AVX512-VNNI.
     pub(super) fn avx512vnni_tile(
         xq: &[u8],
@@ -935,9 +942,9 @@ mod x86 {
         acc: &mut Acc,
     ) {
         check_tile(xq, stride, rows, block, AVX512VNNI_ROWS);
-        // SAFETY: the CPU has AVX512F, AVX512BW and AVX512-VNNI (checked before this kernel is
-        // chosen); the bounds were checked above and each instantiation reads rows `0..R` of
-        // `xq`.
+        // SAFETY: the CPU has AVX512F, AVX512BW and AVX512-VNNI (`Int8Kernel::tile`, the only
+        // way to this function, asserts it); the bounds were checked above and each
+        // instantiation reads rows `0..R` of `xq`.
         unsafe {
             match rows {
                 16 => avx512_rows::<16, 1>(xq, stride, block, acc),
