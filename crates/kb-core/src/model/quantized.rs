@@ -30,7 +30,11 @@
 //! the i32 sums of up to R rows × one panel over a block of input groups: portable Rust; AVX2
 //! (`vpmaddubsw` + `vpmaddwd` against ones); AVX-VNNI (`vpdpbusd` on ymm); AVX512-VNNI (`vpdpbusd`
 //! on zmm, one register per row). Integer sums are exact in every one, so all give bit-identical
-//! outputs.
+//! outputs. The tests compare every kernel the CPU reports against i64 sums, bit for bit. So far
+//! the portable and AVX2 kernels have run them (on Zen 3, natively and under `qemu-x86_64 -cpu
+//! max`); the two VNNI kernels have not run anywhere yet — QEMU's TCG (7.2 and 10.0) implements
+//! neither AVX-VNNI nor AVX-512 — and are checked the first time the tests run on a CPU with them
+//! (e.g. Ice Lake or Zen 4 and later for AVX512-VNNI, Alder Lake and later for AVX-VNNI).
 //!
 //! Why: at decoding shapes (5 rows for one query's beams, 80 for 16 queries) the f32 product of
 //! [`super::packed`] is bound by reading its weights from memory; int8 codes are a quarter of the
