@@ -4,6 +4,7 @@ mod bart;
 pub mod kv_cache;
 pub mod layers;
 pub mod packed;
+pub mod quantized;
 pub mod step_attention;
 
 pub use bart::{Bart, DecoderCache};
