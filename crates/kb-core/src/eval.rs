@@ -7,8 +7,10 @@
 //! by [`keyword_set`]: every keyword is trimmed and put in Unicode NFC
 //! ([`normalize_keyword`]), mapped to its canonical spelling when a [`Synonyms`] table is
 //! given, and empty keywords and repeats are dropped (a keyword listed twice counts once).
-//! Comparison is then exact string equality (case-sensitive; synonym matching itself ignores
-//! the case of Latin letters).
+//! Keywords are then compared by [`Matching::key`]: by default **whitespace inside a keyword
+//! is ignored** (`가능여부` = `가능 여부`: a spacing variant is the same knowledge-graph node);
+//! with [`Matching::strict_spacing`] the strings must be equal. Comparison is case-sensitive
+//! (synonym matching itself ignores the case of Latin letters).
 //!
 //! For a row with gold set `G` and predicted set `P`, the true positives are `|G ∩ P|`.
 //! - **Row precision** is `|G ∩ P| / |P|`, **row recall** `|G ∩ P| / |G|`, **row F1** their
@@ -31,18 +33,54 @@ use crate::error::Result;
 pub use crate::synonyms::normalize_keyword;
 use crate::synonyms::Synonyms;
 
-/// The keyword set of one side of a row: normalised ([`normalize_keyword`]), mapped to
-/// canonical spellings when `synonyms` is given, without empty keywords and repeats, in first
-/// appearance order.
-pub fn keyword_set(keywords: &[String], synonyms: Option<&Synonyms>) -> Vec<String> {
+/// How two keywords are compared.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Matching<'a> {
+    /// Map variants to their canonical term first.
+    pub synonyms: Option<&'a Synonyms>,
+    /// Compare whitespace too (`가능여부` ≠ `가능 여부`); by default it is ignored.
+    pub strict_spacing: bool,
+}
+
+impl<'a> Matching<'a> {
+    /// The default matching (whitespace ignored) with `synonyms`.
+    pub fn with_synonyms(synonyms: Option<&'a Synonyms>) -> Self {
+        Self {
+            synonyms,
+            ..Self::default()
+        }
+    }
+
+    /// A keyword as shown: normalised ([`normalize_keyword`]) or its canonical spelling.
+    pub fn shown(&self, keyword: &str) -> String {
+        match self.synonyms {
+            Some(s) => s.canonical(keyword).into_owned(),
+            None => normalize_keyword(keyword),
+        }
+    }
+
+    /// What keywords are compared on: [`Matching::shown`], without whitespace unless
+    /// [`Matching::strict_spacing`].
+    pub fn key(&self, keyword: &str) -> String {
+        let shown = self.shown(keyword);
+        if self.strict_spacing {
+            shown
+        } else {
+            shown.chars().filter(|c| !c.is_whitespace()).collect()
+        }
+    }
+}
+
+/// The keyword set of one side of a row, as shown ([`Matching::shown`]), without empty
+/// keywords and without repeats by [`Matching::key`], in first appearance order.
+pub fn keyword_set(keywords: &[String], matching: &Matching<'_>) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(keywords.len());
+    let mut keys: Vec<String> = Vec::with_capacity(keywords.len());
     for kw in keywords {
-        let k = match synonyms {
-            Some(s) => s.canonical(kw).into_owned(),
-            None => normalize_keyword(kw),
-        };
-        if !k.is_empty() && !out.contains(&k) {
-            out.push(k);
+        let key = matching.key(kw);
+        if !key.is_empty() && !keys.contains(&key) {
+            keys.push(key);
+            out.push(matching.shown(kw));
         }
     }
     out
@@ -115,19 +153,24 @@ pub struct RowScore {
 }
 
 impl RowScore {
-    /// Compares `gold` with `predicted` after [`keyword_set`] with `synonyms`.
-    pub fn new(gold: &[String], predicted: &[String], synonyms: Option<&Synonyms>) -> Self {
-        let gold = keyword_set(gold, synonyms);
-        let predicted = keyword_set(predicted, synonyms);
+    /// Compares `gold` with `predicted` as [`keyword_set`]s under `matching`.
+    pub fn new(gold: &[String], predicted: &[String], matching: &Matching<'_>) -> Self {
+        let gold = keyword_set(gold, matching);
+        let predicted = keyword_set(predicted, matching);
+        let keys =
+            |set: &[String]| -> Vec<String> { set.iter().map(|k| matching.key(k)).collect() };
+        let (gold_keys, predicted_keys) = (keys(&gold), keys(&predicted));
         let missed: Vec<String> = gold
             .iter()
-            .filter(|k| !predicted.contains(k))
-            .cloned()
+            .zip(&gold_keys)
+            .filter(|(_, key)| !predicted_keys.contains(key))
+            .map(|(k, _)| k.clone())
             .collect();
         let extra: Vec<String> = predicted
             .iter()
-            .filter(|k| !gold.contains(k))
-            .cloned()
+            .zip(&predicted_keys)
+            .filter(|(_, key)| !gold_keys.contains(key))
+            .map(|(k, _)| k.clone())
             .collect();
         let true_positives = gold.len() - missed.len();
         let scores = Prf::from_counts(true_positives, predicted.len(), gold.len());
@@ -226,8 +269,9 @@ impl Scorer {
     }
 }
 
-/// Scores `(gold, predicted)` keyword lists row by row; returns the row scores and the summary.
-pub fn evaluate<'a, I>(rows: I, synonyms: Option<&Synonyms>) -> (Vec<RowScore>, Summary)
+/// Scores `(gold, predicted)` keyword lists row by row under `matching`; returns the row scores
+/// and the summary.
+pub fn evaluate<'a, I>(rows: I, matching: &Matching<'_>) -> (Vec<RowScore>, Summary)
 where
     I: IntoIterator<Item = (&'a [String], &'a [String])>,
 {
@@ -235,7 +279,7 @@ where
     let scored: Vec<RowScore> = rows
         .into_iter()
         .map(|(g, p)| {
-            let row = RowScore::new(g, p, synonyms);
+            let row = RowScore::new(g, p, matching);
             scorer.add(&row);
             row
         })
@@ -344,7 +388,7 @@ mod tests {
             gold.iter()
                 .zip(pred.iter())
                 .map(|(g, p)| (g.as_slice(), p.as_slice())),
-            None,
+            &Matching::default(),
         );
         assert_eq!(rows[0].missed, ["c", "d"]);
         assert_eq!(rows[0].extra, ["x"]);
@@ -379,7 +423,7 @@ mod tests {
         let nfd: String = unicode_normalization::UnicodeNormalization::nfd("직구").collect();
         let gold = vec!["a".to_string(), " a ".to_string(), "직구".to_string()];
         let pred = vec!["a".to_string(), nfd, "a".to_string(), "직구".to_string()];
-        let r = RowScore::new(&gold, &pred, None);
+        let r = RowScore::new(&gold, &pred, &Matching::default());
         assert_eq!(
             (r.gold.len(), r.predicted.len(), r.true_positives),
             (2, 2, 2)
@@ -398,12 +442,12 @@ mod tests {
         .unwrap();
         let gold = kws("직구, 통관번호, 관세, 방법");
         let pred = kws("해외직구, 개인통관고유부호, 직구, 관세");
-        let plain = RowScore::new(&gold, &pred, None);
+        let plain = RowScore::new(&gold, &pred, &Matching::default());
         // Without synonyms: pred {해외직구, 개인통관고유부호, 직구, 관세}, tp {직구, 관세}.
         assert_eq!(plain.true_positives, 2);
         assert!(close(plain.scores.precision, 0.5) && close(plain.scores.recall, 0.5));
         // With: gold {해외직구, 개인통관고유부호, 관세, 방법}, pred {해외직구, 개인통관고유부호, 관세}.
-        let mapped = RowScore::new(&gold, &pred, Some(&syn));
+        let mapped = RowScore::new(&gold, &pred, &Matching::with_synonyms(Some(&syn)));
         assert_eq!(mapped.predicted, ["해외직구", "개인통관고유부호", "관세"]);
         assert_eq!(mapped.true_positives, 3);
         assert_eq!(mapped.missed, ["방법"]);
@@ -414,9 +458,25 @@ mod tests {
     }
 
     #[test]
+    fn whitespace_inside_keywords_is_ignored_unless_strict() {
+        let gold = kws("가능 여부, 여행자 휴대품 신고, 관세");
+        let pred = kws("가능여부, 여행자휴대품 신고, 관 세, 가능 여부");
+        let r = RowScore::new(&gold, &pred, &Matching::default());
+        assert!(r.exact, "{r:?}");
+        assert_eq!(r.predicted, ["가능여부", "여행자휴대품 신고", "관 세"]);
+        let strict = Matching {
+            strict_spacing: true,
+            ..Matching::default()
+        };
+        let r = RowScore::new(&gold, &pred, &strict);
+        assert_eq!(r.true_positives, 0);
+        assert_eq!(r.predicted.len(), 4);
+    }
+
+    #[test]
     fn empty_rows() {
         let none: Vec<String> = vec![];
-        let both = RowScore::new(&none, &none, None);
+        let both = RowScore::new(&none, &none, &Matching::default());
         assert_eq!(
             both.scores,
             Prf {
@@ -426,7 +486,7 @@ mod tests {
             }
         );
         assert!(both.exact);
-        let extra_only = RowScore::new(&none, &kws("a"), None);
+        let extra_only = RowScore::new(&none, &kws("a"), &Matching::default());
         assert_eq!(
             extra_only.scores,
             Prf {

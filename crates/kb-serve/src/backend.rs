@@ -7,9 +7,11 @@
 //! which is how operators and clients know the limits.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kb_core::candle_core::DType;
+use kb_core::generation::{DerivedTerms, Grounding};
 use kb_core::keywords::{join_keywords, split_keywords};
 use kb_core::synonyms::Synonyms;
 use kb_core::{GenerationConfig, KeywordModel, KoTokenizer};
@@ -38,6 +40,12 @@ pub struct BackendOptions {
     pub max_client_batch_size: usize,
     /// Synonyms file mapping keywords to canonical terms.
     pub synonyms: Option<PathBuf>,
+    /// Grounded decoding for requests that do not choose (see
+    /// [`kb_core::generation::grounding`]).
+    pub grounded: bool,
+    /// Derived terms for grounded decoding; `None`: the model folder's `derived_terms.tsv`
+    /// (without either, requests cannot ask for grounding).
+    pub derived_terms: Option<PathBuf>,
 }
 
 /// Why the backend could not start.
@@ -63,6 +71,9 @@ pub enum BackendError {
     /// The warm-up generation failed.
     #[error("warm-up: {0}")]
     WarmUp(String),
+    /// The derived terms of grounded decoding are missing or malformed.
+    #[error("--grounded: {0}")]
+    Grounding(kb_core::Error),
     /// Loading panicked.
     #[error("loading the model panicked: {0}")]
     Panicked(String),
@@ -81,6 +92,8 @@ pub struct GenParams {
     pub num_beams: usize,
     /// Decoder length limit, counting the decoder start token.
     pub max_length: usize,
+    /// Grounded decoding (keywords limited to spans of the query and derived terms).
+    pub grounded: bool,
 }
 
 /// What generation produced for one query.
@@ -116,6 +129,8 @@ pub struct Backend {
     model: KeywordModel,
     base: GenerationConfig,
     synonyms: Option<Synonyms>,
+    /// The grounding constraint, when derived terms are available.
+    grounding: Option<Arc<Grounding>>,
 }
 
 impl Backend {
@@ -139,22 +154,45 @@ impl Backend {
             .map(Synonyms::read)
             .transpose()
             .map_err(BackendError::Synonyms)?;
+        let terms = options
+            .derived_terms
+            .as_deref()
+            .map(DerivedTerms::read)
+            .transpose()
+            .map_err(BackendError::Grounding)?;
+        let grounding = if terms.is_some() || model.derived_terms.is_some() {
+            Some(
+                model
+                    .grounding(terms.as_ref())
+                    .map_err(BackendError::Grounding)?,
+            )
+        } else if options.grounded {
+            // Refused now rather than on every request.
+            return Err(BackendError::Grounding(
+                model.grounding(None).expect_err("no derived terms"),
+            ));
+        } else {
+            None
+        };
         Ok(Self {
             model,
             base,
             synonyms,
+            grounding,
         })
     }
 
     /// Works out the limits and defaults for this model and the given options.
     pub fn info(&self, options: &BackendOptions) -> Result<ModelInfo, BackendError> {
-        ModelInfo::new(
+        let mut info = ModelInfo::new(
             &options.model,
             self.model.tokenizer.clone(),
             &self.base,
             self.model.config.max_position_embeddings,
             options,
-        )
+        )?;
+        info.grounding_available = self.grounding.is_some();
+        Ok(info)
     }
 
     /// Runs one generation so that the first request does not pay for lazy initialisation.
@@ -188,6 +226,13 @@ impl Generate for Backend {
         gen.num_beams = params.num_beams;
         gen.max_length = params.max_length;
         gen.max_new_tokens = None;
+        if params.grounded {
+            gen.grounding = Some(
+                self.grounding
+                    .clone()
+                    .ok_or("grounded decoding asked for, but the server has no derived terms")?,
+            );
+        }
         let mut decode_error = None;
         let mut done = |i: usize, g: kb_core::Generated| match self.model.tokenizer.decode(&g.ids) {
             Ok(text) => {
@@ -245,6 +290,8 @@ pub struct ModelInfo {
     pub truncate: bool,
     /// Most queries per `/v1/keywords` request.
     pub max_client_batch_size: usize,
+    /// Whether requests may ask for grounded decoding (derived terms are loaded).
+    pub grounding_available: bool,
 }
 
 impl ModelInfo {
@@ -291,11 +338,13 @@ impl ModelInfo {
             defaults: GenParams {
                 num_beams: options.num_beams,
                 max_length,
+                grounded: options.grounded,
             },
             max_num_beams: options.max_num_beams,
             max_input_tokens,
             truncate: options.truncate,
             max_client_batch_size: options.max_client_batch_size,
+            grounding_available: options.grounded || options.derived_terms.is_some(),
         })
     }
 
@@ -304,8 +353,17 @@ impl ModelInfo {
         &self,
         num_beams: Option<usize>,
         max_length: Option<usize>,
+        grounded: Option<bool>,
     ) -> Result<GenParams, InputError> {
         let mut p = self.defaults;
+        if let Some(g) = grounded {
+            if g && !self.grounding_available {
+                return Err(InputError(
+                    "field `grounded`: this server has no derived terms (start it with --derived_terms FILE, or serve a model folder with derived_terms.tsv)".into(),
+                ));
+            }
+            p.grounded = g;
+        }
         if let Some(n) = num_beams {
             if n == 0 || n > self.max_num_beams {
                 return Err(InputError(format!(

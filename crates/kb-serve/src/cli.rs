@@ -156,6 +156,22 @@ pub struct Args {
     #[arg(long, env = "KB_SYNONYMS", value_name = "FILE")]
     pub synonyms: Option<std::path::PathBuf>,
 
+    /// Grounded decoding by default: every keyword is a span of its query (whitespace ignored)
+    /// or a derived term; a request may still choose with `"grounded": false|true`. Needs
+    /// derived terms: --derived_terms, or the model folder's derived_terms.tsv.
+    #[arg(long, env = "KB_GROUNDED", value_parser = FalseyValueParser::new())]
+    pub grounded: bool,
+
+    /// Derived terms for grounded decoding (`term<TAB>count`, e.g. configs/derived_terms.tsv);
+    /// default: the model folder's derived_terms.tsv, if it has one.
+    #[arg(
+        long = "derived_terms",
+        alias = "derived-terms",
+        env = "KB_DERIVED_TERMS",
+        value_name = "FILE"
+    )]
+    pub derived_terms: Option<std::path::PathBuf>,
+
     /// Most client connections served at once. Beyond it new connections are not refused: they
     /// wait in the kernel's listen backlog until a served connection closes.
     #[arg(long = "max_connections", alias = "max-connections", env = "KB_MAX_CONNECTIONS",
@@ -238,6 +254,8 @@ impl Args {
                 truncate: self.truncate,
                 max_client_batch_size: self.max_client_batch_size,
                 synonyms: self.synonyms.clone(),
+                grounded: self.grounded,
+                derived_terms: self.derived_terms.clone(),
             },
             batch: BatchPolicy {
                 max_batch_size: self.max_batch_size,

@@ -490,6 +490,7 @@ mod tests {
     const P: GenParams = GenParams {
         num_beams: 5,
         max_length: 20,
+        grounded: false,
     };
 
     fn job(first: u32, params: GenParams) -> (Job, oneshot::Receiver<Result<JobResult, JobError>>) {
@@ -529,6 +530,7 @@ mod tests {
         let other = GenParams {
             num_beams: 1,
             max_length: 20,
+            grounded: false,
         };
         let (mut jobs, mut rxs) = (Vec::new(), Vec::new());
         for (i, p) in [P, P, other, P, other].into_iter().enumerate() {

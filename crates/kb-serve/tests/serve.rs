@@ -842,3 +842,50 @@ async fn synonyms_map_answers_to_canonical_terms() {
     let seed = post_json(&server, "/keyword_extract", &json!({"prompt": LONG_QUERY})).await;
     assert_eq!(seed.json["result"], r["text"]);
 }
+
+#[tokio::test]
+async fn grounded_requests_keep_keywords_in_the_query_or_the_derived_terms() {
+    let terms =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/derived_terms.tsv");
+    let derived = kb_core::generation::DerivedTerms::read(&terms).unwrap();
+    // Without derived terms a grounded request is refused, naming the field.
+    let plain = Server::start(&[]).await;
+    let refused = post_json(
+        &plain,
+        "/v1/keywords",
+        &json!({"query": "이사화물 통관예약을 하면 뭐가 좋나요?", "grounded": true}),
+    )
+    .await;
+    assert_eq!(refused.status, 422);
+    assert!(
+        refused.error().contains("`grounded`"),
+        "{}",
+        refused.error()
+    );
+
+    // With them, per request and by default (--grounded), every keyword is grounded.
+    let server = Server::start(&["--derived_terms", terms.to_str().unwrap(), "--grounded"]).await;
+    let queries = [
+        "이사화물 통관예약을 하면 뭐가 좋나요?",
+        "해외직구 면세한도는 얼마인가요?",
+        "amazon에서 $150 신발 샀는데 관세 붙어요?",
+    ];
+    for body in [
+        json!({"queries": queries, "grounded": true, "num_beams": 3}),
+        json!({"queries": queries}),
+    ] {
+        let a = post_json(&server, "/v1/keywords", &body).await;
+        assert_eq!(a.status, 200, "{:?}", a.json);
+        for (q, r) in queries.iter().zip(a.json["results"].as_array().unwrap()) {
+            for k in r["keywords"].as_array().unwrap() {
+                let k = k.as_str().unwrap();
+                assert!(
+                    kb_core::generation::grounding::is_grounded(k, q, &derived),
+                    "`{k}` is not grounded in {q}"
+                );
+            }
+        }
+    }
+    let seed = post_json(&server, "/keyword_extract", &json!({"prompt": queries[0]})).await;
+    assert_eq!(seed.status, 200);
+}

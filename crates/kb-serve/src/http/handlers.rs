@@ -125,7 +125,7 @@ pub async fn keywords(
             info.max_client_batch_size
         )));
     }
-    let params = info.params(req.num_beams, req.max_length)?;
+    let params = info.params(req.num_beams, req.max_length, req.grounded)?;
     let model = info.name.clone();
     let deadline = started + st.timeout();
     let (queries, job) = st.infer(info, queries, params, field, deadline).await?;

@@ -52,6 +52,9 @@ pub struct KeywordsRequest {
     /// Decoder length limit counting the start token (2 to --max_length; default --max_length).
     #[schema(minimum = 2)]
     pub max_length: Option<usize>,
+    /// Grounded decoding: every keyword a span of its query (whitespace ignored) or a derived
+    /// term (default --grounded; needs the server's derived terms).
+    pub grounded: Option<bool>,
 }
 
 /// Keywords of one query.
