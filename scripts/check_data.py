@@ -7,7 +7,7 @@ Checks each file: the header `query<TAB>keyword`; exactly two fields per line; n
 or keyword; 1-7 keywords; no keyword twice in a row; no duplicate query (whitespace-normalised)
 within a file or across the files given; every keyword a span of its question (NFC, whitespace
 ignored) or a derived term of the guide (an intent term, a noun for a native verb, or a
-`미-`/`불-`/`무-` negation of a span). Prints every problem as `FILE: line N: ...` and exits 1
+`미-`/`불-`/`무-` negation of a span or of such a noun). Prints every problem as `FILE: line N: ...` and exits 1
 when there is any; with --stats prints counts of rows and of derived keywords.
 """
 
@@ -46,7 +46,7 @@ def keyword_kind(keyword, query_squashed):
         return "span"
     if keyword in DERIVED:
         return "derived"
-    if len(k) > 1 and k[0] in NEGATION_PREFIXES and k[1:] in query_squashed:
+    if len(k) > 1 and k[0] in NEGATION_PREFIXES and (k[1:] in query_squashed or k[1:] in VERB_NOUNS):
         return "negation"
     return None
 
