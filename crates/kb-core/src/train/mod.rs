@@ -1,5 +1,6 @@
 //! Fine-tuning: trainable model, optimizer and schedule, checkpoints, metrics, the training loop.
 
+pub mod augment;
 pub mod checkpoint;
 pub mod collective;
 mod launch;

@@ -19,8 +19,13 @@ pub const KOBART_SPECIAL_TOKENS: [&str; 7] =
     ["<s>", "</s>", "<usr>", "<pad>", "<sys>", "<unk>", "<mask>"];
 
 /// Trains a byte-pair-encoding tokenizer with KoBART's pipeline (NFKC + BERT-style cleaning,
-/// Metaspace `▁` pre-tokenizer and decoder) and special tokens on the queries and keywords.
-pub fn train_tokenizer(examples: &[Example], vocab_size: usize) -> Result<tokenizers::Tokenizer> {
+/// Metaspace `▁` pre-tokenizer and decoder) and special tokens on the queries and keywords;
+/// `alphabet` characters are in the vocabulary whether or not the examples use them.
+pub fn train_tokenizer(
+    examples: &[Example],
+    vocab_size: usize,
+    alphabet: &[char],
+) -> Result<tokenizers::Tokenizer> {
     let bpe = BPE::builder()
         .unk_token("<unk>".to_string())
         .build()
@@ -44,6 +49,7 @@ pub fn train_tokenizer(examples: &[Example], vocab_size: usize) -> Result<tokeni
             .min_frequency(2)
             .show_progress(false)
             .special_tokens(specials)
+            .initial_alphabet(alphabet.iter().copied().collect())
             .build(),
     );
     let texts = examples
@@ -107,7 +113,7 @@ mod tests {
                 line: i + 2,
             })
             .collect();
-        let tok = train_tokenizer(&ex, 300).unwrap();
+        let tok = train_tokenizer(&ex, 300, &[]).unwrap();
         assert_eq!(tok.token_to_id("<pad>"), Some(3));
         assert_eq!(tok.token_to_id("<unk>"), Some(5));
         let enc = tok.encode("이사화물, 통관", false).unwrap();

@@ -193,6 +193,14 @@ pub struct TrainSettings {
     /// Skip malformed data rows (reporting them) instead of stopping.
     #[cfg_attr(feature = "cli", arg(long))]
     pub skip_bad_rows: bool,
+    /// Span substitution: augmented copies per training row whose copied keywords are replaced
+    /// by other rows' keywords or random Hangul (see `kb_core::train::augment`); 0 = off.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub augment_spans: f64,
+    /// With `init = "scratch"`: start the tokenizer's alphabet with the 2,350 common Hangul
+    /// syllables (KS X 1001), so that words unseen in training are still made of known tokens.
+    #[cfg_attr(feature = "cli", arg(long, action = clap::ArgAction::Set))]
+    pub tokenizer_hangul_alphabet: bool,
 }
 
 impl Default for TrainSettings {
@@ -229,6 +237,8 @@ impl Default for TrainSettings {
             save_top_k: 3,
             save_every_n_steps: None,
             skip_bad_rows: false,
+            augment_spans: 0.0,
+            tokenizer_hangul_alphabet: false,
         }
     }
 }
@@ -265,6 +275,15 @@ impl TrainSettings {
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(("lr", format!("{} is not a positive learning rate", self.lr)));
+        }
+        if !(self.augment_spans >= 0.0 && self.augment_spans <= 16.0) {
+            return Err((
+                "augment_spans",
+                format!(
+                    "{} is not a number of copies from 0 to 16",
+                    self.augment_spans
+                ),
+            ));
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return Err((

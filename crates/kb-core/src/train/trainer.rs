@@ -100,7 +100,12 @@ fn fresh_setup(settings: &TrainSettings, train: &Dataset) -> Result<Setup> {
         }
         InitMode::Scratch => {
             let path = settings.model_config.as_ref().expect("validated");
-            let tok = train_tokenizer(&train.examples, settings.tokenizer_vocab_size)?;
+            let alphabet = if settings.tokenizer_hangul_alphabet {
+                super::augment::common_hangul_syllables()
+            } else {
+                Vec::new()
+            };
+            let tok = train_tokenizer(&train.examples, settings.tokenizer_vocab_size, &alphabet)?;
             let (cfg, config_json) = scratch_config(path, tok.get_vocab_size(true))?;
             let tokenizer = KoTokenizer::new(tok, &cfg, path)?;
             let tensors = Trainable::from_scratch(&cfg, settings.seed, &host)?.tensors();
@@ -168,6 +173,8 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         Some(setup) => setup,
         None => fresh_setup(&settings, &train_ds)?,
     };
+    let derived_terms = derived_terms_of(&train_ds);
+    let train_ds = with_augmented_copies(train_ds, &settings, &derived_terms);
     let encode =
         |ds| encode_with_workers(&setup.tokenizer, ds, settings.max_len, settings.num_workers);
     let (train_data, val_data) = (encode(&train_ds)?, encode(&val_ds)?);
@@ -185,7 +192,6 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         std::fs::create_dir_all(&chp).map_err(|e| Error::io(&chp, e))?;
         announce(&settings, &state, train_data.len(), val_data.len());
     }
-    let derived_terms = derived_terms_of(&train_ds);
     let ctx = RunContext {
         settings: &settings,
         options,
@@ -257,6 +263,35 @@ pub fn derived_terms_of(ds: &Dataset) -> DerivedTerms {
 /// A derived term is kept when at least this many training labels use it (one-off labels, often
 /// slips, are left out).
 pub const DERIVED_TERM_MIN_COUNT: usize = 2;
+
+/// `ds` with the span-substitution copies `settings.augment_spans` asks for appended (see
+/// [`super::augment`]); derived terms are never substituted.
+fn with_augmented_copies(
+    mut ds: Dataset,
+    settings: &TrainSettings,
+    derived: &DerivedTerms,
+) -> Dataset {
+    if settings.augment_spans <= 0.0 {
+        return ds;
+    }
+    let terms: std::collections::HashSet<&str> =
+        derived.terms.iter().map(|(t, _)| t.as_str()).collect();
+    let copies = super::augment::substitute_spans(
+        &ds.examples,
+        super::augment::SpanSubstitution {
+            rate: settings.augment_spans,
+            seed: settings.seed,
+        },
+        |k| terms.contains(k),
+    );
+    tracing::info!(
+        "span substitution: {} augmented copies of {} training rows",
+        copies.len(),
+        ds.examples.len()
+    );
+    ds.examples.extend(copies);
+    ds
+}
 
 /// Reads a data file, reporting the rows skipped with `skip_bad_rows`.
 fn read_dataset(path: &Path, skip_bad_rows: bool) -> Result<Dataset> {
