@@ -259,22 +259,37 @@ impl BartConfig {
         Ok(cfg)
     }
 
+    /// Refuses what kb-core cannot run or what cannot be a working BART, naming the field.
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |field: &str, message: String| Error::Config {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            message,
-        };
+        self.check_family()
+            .and_then(|()| self.check_sizes())
+            .and_then(|()| self.check_regularisation())
+            .and_then(|()| self.check_variants())
+            .and_then(|()| self.check_token_ids())
+            .map_err(|(field, message)| Error::Config {
+                path: path.to_path_buf(),
+                field: field.to_string(),
+                message,
+            })
+    }
+
+    /// A BART-family model with an implemented activation.
+    fn check_family(&self) -> std::result::Result<(), (&'static str, String)> {
         if let Some(t) = &self.model_type {
             if t != "bart" && t != "mbart" {
-                return Err(bad(
+                return Err((
                     "model_type",
                     format!("`{t}` is not a BART-family model (expected \"bart\" or \"mbart\")"),
                 ));
             }
         }
         self.activation()
-            .map_err(|m| bad("activation_function", m))?;
+            .map(|_| ())
+            .map_err(|m| ("activation_function", m))
+    }
+
+    /// Positive sizes, and a width the heads divide.
+    fn check_sizes(&self) -> std::result::Result<(), (&'static str, String)> {
         for (field, v) in [
             ("vocab_size", self.vocab_size),
             ("d_model", self.d_model),
@@ -285,7 +300,7 @@ impl BartConfig {
             ("decoder_attention_heads", self.decoder_attention_heads),
         ] {
             if v == 0 {
-                return Err(bad(field, "must be greater than 0".into()));
+                return Err((field, "must be greater than 0".into()));
             }
         }
         for (field, heads) in [
@@ -293,34 +308,41 @@ impl BartConfig {
             ("decoder_attention_heads", self.decoder_attention_heads),
         ] {
             if !self.d_model.is_multiple_of(heads) {
-                return Err(bad(
+                return Err((
                     field,
                     format!("d_model {} is not divisible by {heads} heads", self.d_model),
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Dropout probabilities in [0, 1) and no LayerDrop.
+    fn check_regularisation(&self) -> std::result::Result<(), (&'static str, String)> {
         for (field, p) in [
             ("dropout", self.dropout),
             ("attention_dropout", self.attention_dropout),
             ("activation_dropout", self.activation_dropout),
         ] {
             if !(0.0..1.0).contains(&p) {
-                return Err(bad(field, format!("{p} is not a probability in [0, 1)")));
+                return Err((field, format!("{p} is not a probability in [0, 1)")));
             }
         }
-        if self.encoder_layerdrop != 0.0 || self.decoder_layerdrop != 0.0 {
-            let field = if self.encoder_layerdrop != 0.0 {
-                "encoder_layerdrop"
-            } else {
-                "decoder_layerdrop"
-            };
-            return Err(bad(
-                field,
-                "LayerDrop is not supported; set it to 0.0".into(),
-            ));
+        for (field, p) in [
+            ("encoder_layerdrop", self.encoder_layerdrop),
+            ("decoder_layerdrop", self.decoder_layerdrop),
+        ] {
+            if p != 0.0 {
+                return Err((field, "LayerDrop is not supported; set it to 0.0".into()));
+            }
         }
+        Ok(())
+    }
+
+    /// None of the BART variants kb-core does not implement.
+    fn check_variants(&self) -> std::result::Result<(), (&'static str, String)> {
         if self.extra_pos_embeddings != 2 {
-            return Err(bad(
+            return Err((
                 "extra_pos_embeddings",
                 format!(
                     "BART's position offset is 2, got {}; such a checkpoint is not BART",
@@ -328,52 +350,52 @@ impl BartConfig {
                 ),
             ));
         }
-        if self.static_position_embeddings {
-            return Err(bad(
+        let unsupported = [
+            (
                 "static_position_embeddings",
-                "sinusoidal position embeddings are not supported".into(),
-            ));
-        }
-        if self.add_bias_logits {
-            return Err(bad(
+                self.static_position_embeddings,
+                "sinusoidal position embeddings are not supported",
+            ),
+            (
                 "add_bias_logits",
-                "a learned logits bias layer is not supported (BART uses final_logits_bias)".into(),
-            ));
-        }
-        if self.do_blenderbot_90_layernorm {
-            return Err(bad(
+                self.add_bias_logits,
+                "a learned logits bias layer is not supported (BART uses final_logits_bias)",
+            ),
+            (
                 "do_blenderbot_90_layernorm",
-                "the Blenderbot-90M layer norm variant is not supported".into(),
-            ));
+                self.do_blenderbot_90_layernorm,
+                "the Blenderbot-90M layer norm variant is not supported",
+            ),
+        ];
+        match unsupported.into_iter().find(|(_, set, _)| *set) {
+            Some((field, _, message)) => Err((field, message.into())),
+            None => Ok(()),
         }
-        let vocab = self.vocab_size as u32;
+    }
+
+    /// Special token ids inside the vocabulary, and a decoder start token.
+    fn check_token_ids(&self) -> std::result::Result<(), (&'static str, String)> {
+        let vocab = self.vocab_size;
         let ids = [
             ("pad_token_id", self.pad_token_id),
             ("bos_token_id", self.bos_token_id),
             ("decoder_start_token_id", self.decoder_start_token_id),
             ("forced_eos_token_id", self.forced_eos_token_id),
             ("forced_bos_token_id", self.forced_bos_token_id),
-        ];
+        ]
+        .into_iter()
+        .filter_map(|(field, id)| id.map(|id| (field, id)))
+        .chain(self.eos_ids().into_iter().map(|id| ("eos_token_id", id)));
         for (field, id) in ids {
-            if let Some(id) = id {
-                if id >= vocab {
-                    return Err(bad(
-                        field,
-                        format!("id {id} is outside the vocabulary of {vocab}"),
-                    ));
-                }
-            }
-        }
-        for id in self.eos_ids() {
-            if id >= vocab {
-                return Err(bad(
-                    "eos_token_id",
+            if id as usize >= vocab {
+                return Err((
+                    field,
                     format!("id {id} is outside the vocabulary of {vocab}"),
                 ));
             }
         }
         if self.decoder_start_token_id.is_none() {
-            return Err(bad(
+            return Err((
                 "decoder_start_token_id",
                 "is null; BART needs a decoder start token".into(),
             ));

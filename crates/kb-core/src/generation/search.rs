@@ -307,38 +307,15 @@ fn beam_search(
     wanted: &dyn Fn(usize) -> bool,
 ) -> Result<()> {
     let k = cfg.num_beams;
-    let max_length = cfg.effective_max_length();
-    let prompt_len = 1usize;
-    let keep = 2usize.max(1 + cfg.eos_token_ids.len()) * k;
-    let lp = cfg.length_penalty;
-    let start = vec![cfg.decoder_start_token_id];
-    let batch = grounded.len();
     let mut states: Vec<BeamState> = grounded
         .iter()
-        .map(|input| BeamState {
-            grounded_input: input.clone(),
-            running: (0..k)
-                .map(|j| Hypothesis {
-                    tokens: start.clone(),
-                    score: if j == 0 { 0.0 } else { MASKED },
-                    finished: false,
-                })
-                .collect(),
-            finished: (0..k)
-                .map(|_| Hypothesis {
-                    tokens: start.clone(),
-                    score: MASKED,
-                    finished: false,
-                })
-                .collect(),
-            improvement_possible: true,
-        })
+        .map(|input| BeamState::start(input.clone(), cfg))
         .collect();
-    let mut cur_len = prompt_len;
+    let mut cur_len = PROMPT_LEN;
     // Inputs still searching, in cache order (ascending). An input leaves the batch once its
     // result can no longer change (see `settled`); transformers keeps computing such inputs
     // until the whole batch stops, with the same outputs.
-    let mut active: Vec<usize> = (0..batch).collect();
+    let mut active: Vec<usize> = (0..grounded.len()).collect();
     loop {
         // At the first step an input's beams are one sequence (the start token): it is decoded
         // once per input, every beam is scored from that one row of logits and the cache rows
@@ -348,67 +325,27 @@ fn beam_search(
         let beams_fed = if first_step { 1 } else { k };
         let last: Vec<u32> = active
             .iter()
-            .flat_map(|&b| {
-                states[b].running[..beams_fed]
-                    .iter()
-                    .map(|h| *h.tokens.last().unwrap_or(&0))
-            })
+            .flat_map(|&b| states[b].last_tokens(beams_fed))
             .collect();
         let (mut logits, vocab) = step_logits(model, &mut cache, &last)?;
         if first_step {
             cache.widen_groups(k)?;
         }
-        let mut live: Vec<&mut BeamState> = states
-            .iter_mut()
-            .enumerate()
-            .filter(|(b, _)| active.binary_search(b).is_ok())
-            .map(|(_, s)| s)
-            .collect();
-        // Each input's beams are scored independently: in parallel over inputs.
-        let outcomes: Vec<(Vec<u32>, bool)> = live
-            .par_iter_mut()
-            .zip(logits.par_chunks_mut(beams_fed * vocab))
-            .enumerate()
-            .map(|(pos, (state, rows))| {
-                beam_step(state, rows, vocab, pos, cur_len, keep, max_length, cfg)
-            })
-            .collect();
-        let mut reorder = Vec::with_capacity(active.len() * k);
-        let mut all_hit = true;
-        for (rows, hit) in outcomes {
-            reorder.extend(rows);
-            all_hit &= hit;
-        }
+        let (reorder, all_hit) = score_active(
+            &mut states,
+            &active,
+            &mut logits,
+            vocab,
+            beams_fed,
+            cur_len,
+            cfg,
+        );
         cache.reorder(&reorder)?;
         cur_len += 1;
-
-        // transformers' early-stop heuristic: can the best running beam still beat the worst
-        // finished one?
         for &b in &active {
-            let state = &mut states[b];
-            let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
-                max_length - prompt_len
-            } else {
-                cur_len - prompt_len
-            };
-            let best_possible = state.running[0].score / (best_len as f64).powf(lp) as f32;
-            let worst = state
-                .finished
-                .iter()
-                .map(|h| h.score)
-                .fold(f32::INFINITY, f32::min);
-            let can_improve = state.finished.iter().any(|h| {
-                let worst_here = if h.finished { worst } else { MASKED };
-                best_possible > worst_here
-            });
-            state.improvement_possible &= can_improve;
+            states[b].update_improvement(cur_len, cfg);
         }
-        let improvement_possible = active.iter().any(|&b| states[b].improvement_possible);
-        let all_finished = active
-            .iter()
-            .all(|&b| states[b].finished.iter().all(|h| h.finished));
-        let open_beam = !(all_finished && cfg.early_stopping == EarlyStopping::True);
-        if !(improvement_possible && open_beam && !all_hit) {
+        if batch_stops(&states, &active, all_hit, cfg) {
             break;
         }
         // Settled inputs leave the batch. Exact: a settled input's finished hypotheses can no
@@ -434,6 +371,114 @@ fn beam_search(
         done(b, beam_output(&states[b]));
     }
     Ok(())
+}
+
+/// Decoder tokens before the first generated one (the start token).
+const PROMPT_LEN: usize = 1;
+
+impl BeamState {
+    /// The state before the first step: beam 0 is the start token, the other beams and the
+    /// finished slots are masked.
+    fn start(grounded_input: Option<String>, cfg: &GenerationConfig) -> Self {
+        let start = vec![cfg.decoder_start_token_id];
+        let hypothesis = |score| Hypothesis {
+            tokens: start.clone(),
+            score,
+            finished: false,
+        };
+        let k = cfg.num_beams;
+        Self {
+            grounded_input,
+            running: (0..k)
+                .map(|j| hypothesis(if j == 0 { 0.0 } else { MASKED }))
+                .collect(),
+            finished: (0..k).map(|_| hypothesis(MASKED)).collect(),
+            improvement_possible: true,
+        }
+    }
+
+    /// The last token of each of the first `beams` running hypotheses (what the next step feeds).
+    fn last_tokens(&self, beams: usize) -> impl Iterator<Item = u32> + '_ {
+        self.running[..beams]
+            .iter()
+            .map(|h| *h.tokens.last().unwrap_or(&0))
+    }
+
+    /// transformers' early-stop heuristic after a step (`cur_len` tokens): can the best running
+    /// beam still beat the worst finished one?
+    fn update_improvement(&mut self, cur_len: usize, cfg: &GenerationConfig) {
+        let lp = cfg.length_penalty;
+        let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
+            cfg.effective_max_length() - PROMPT_LEN
+        } else {
+            cur_len - PROMPT_LEN
+        };
+        let best_possible = self.running[0].score / (best_len as f64).powf(lp) as f32;
+        let worst = self
+            .finished
+            .iter()
+            .map(|h| h.score)
+            .fold(f32::INFINITY, f32::min);
+        let can_improve = self.finished.iter().any(|h| {
+            let worst_here = if h.finished { worst } else { MASKED };
+            best_possible > worst_here
+        });
+        self.improvement_possible &= can_improve;
+    }
+}
+
+/// Scores one step for every active input (in parallel over inputs) from `logits` (`beams_fed`
+/// rows of `vocab` per input); returns the cache rows the new beams continue and whether every
+/// candidate of every input stopped.
+fn score_active(
+    states: &mut [BeamState],
+    active: &[usize],
+    logits: &mut [f32],
+    vocab: usize,
+    beams_fed: usize,
+    cur_len: usize,
+    cfg: &GenerationConfig,
+) -> (Vec<u32>, bool) {
+    let k = cfg.num_beams;
+    let keep = 2usize.max(1 + cfg.eos_token_ids.len()) * k;
+    let max_length = cfg.effective_max_length();
+    let mut live: Vec<&mut BeamState> = states
+        .iter_mut()
+        .enumerate()
+        .filter(|(b, _)| active.binary_search(b).is_ok())
+        .map(|(_, s)| s)
+        .collect();
+    let outcomes: Vec<(Vec<u32>, bool)> = live
+        .par_iter_mut()
+        .zip(logits.par_chunks_mut(beams_fed * vocab))
+        .enumerate()
+        .map(|(pos, (state, rows))| {
+            beam_step(state, rows, vocab, pos, cur_len, keep, max_length, cfg)
+        })
+        .collect();
+    let mut reorder = Vec::with_capacity(active.len() * k);
+    let mut all_hit = true;
+    for (rows, hit) in outcomes {
+        reorder.extend(rows);
+        all_hit &= hit;
+    }
+    (reorder, all_hit)
+}
+
+/// transformers' stop test for the whole batch after a step: no active input can improve, or
+/// (with `early_stopping: true`) all are full, or every candidate stopped.
+fn batch_stops(
+    states: &[BeamState],
+    active: &[usize],
+    all_hit: bool,
+    cfg: &GenerationConfig,
+) -> bool {
+    let improvement_possible = active.iter().any(|&b| states[b].improvement_possible);
+    let all_finished = active
+        .iter()
+        .all(|&b| states[b].finished.iter().all(|h| h.finished));
+    let open_beam = !(all_finished && cfg.early_stopping == EarlyStopping::True);
+    !(improvement_possible && open_beam && !all_hit)
 }
 
 /// An input's beam search result: its best finished hypothesis, without the start token.
@@ -469,7 +514,6 @@ fn beam_step(
     cfg: &GenerationConfig,
 ) -> (Vec<u32>, bool) {
     let k = cfg.num_beams;
-    let prompt_len = 1usize;
     let lp = cfg.length_penalty;
     // The best `keep` accumulated log-probabilities over every (beam, token) continuation.
     let mut best = Vec::with_capacity(keep + 1);
@@ -528,7 +572,7 @@ fn beam_step(
         .collect();
 
     // Finished hypotheses: merge the stopped top-k candidates into the kept ones.
-    let denom = ((cur_len + 1 - prompt_len) as f64).powf(lp) as f32;
+    let denom = ((cur_len + 1 - PROMPT_LEN) as f64).powf(lp) as f32;
     let batch_full =
         state.finished.iter().all(|h| h.finished) && cfg.early_stopping == EarlyStopping::True;
     let mut merged: Vec<Hypothesis> = state.finished.clone();
