@@ -59,7 +59,7 @@ def bench_kb_core(model_dir, threads, reps, dtypes):
                KB_BENCH_DTYPES=",".join(dtypes), RAYON_NUM_THREADS=str(threads))
     out = subprocess.run(["cargo", "bench", "-q", "-p", "kb-core", "--bench", "generate"],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    results = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    results = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     for r in results:
         print(json.dumps(r), flush=True)
     return results
@@ -75,7 +75,7 @@ def main():
     if not (Path(args.model) / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_kobart.py"), args.model], check=True)
     dtypes = args.dtypes.split(",")
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "unknown CPU")
     print(f"# {cpu}, {args.threads} threads, 16 new tokens, batch 1", flush=True)
     ours = bench_kb_core(args.model, args.threads, args.reps, dtypes)
     ref = bench_transformers(args.model, args.threads, args.reps, dtypes)

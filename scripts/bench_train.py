@@ -44,7 +44,7 @@ def torch_batch(tok, pairs, pad_to=None):
 
     enc = [tok.encode(q)[:512] for q, _ in pairs]
     lab = [(tok.encode(k) + [1])[:512] for _, k in pairs]
-    dec = [[1] + l[:-1] for l in lab]
+    dec = [[1] + ln[:-1] for ln in lab]
     def pad(seqs, value, width):
         return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
     we = pad_to or max(map(len, enc))
@@ -149,11 +149,11 @@ def bench_kb_core(model_dir, threads, steps, epoch, device="cpu", batch_size=8, 
                KB_BENCH_EPOCH="1" if epoch else "0", RAYON_NUM_THREADS=str(threads),
                KB_BENCH_DEVICE="cuda:0" if device != "cpu" else "cpu", KB_BENCH_BATCH=str(batch_size),
                KB_BENCH_PRECISION=precision)
-    cmd = [bench_bin] if bench_bin else ["cargo", "bench", "-q", "-p", "kb-core", "--bench", "train_step"]
+    cmd = [bench_bin] if bench_bin else ["cargo", "bench", "-q", "-p", "kb-core", "--features", "train", "--bench", "train_step"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"kb-core bench failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    res = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    res = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     for r in res:
         print(json.dumps(r), flush=True)
     return res
@@ -172,7 +172,7 @@ def main():
     args = ap.parse_args()
     if not (Path(args.model) / "config.json").exists():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_random_kobart.py"), args.model], check=True)
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "unknown CPU")
     where = cpu
     if args.device == "cuda":
         where = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],

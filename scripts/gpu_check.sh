@@ -17,7 +17,7 @@
 # and the PyTorch side), and CUDA 13 cuBLAS/cuRAND/NVRTC/NCCL libraries somewhere under /usr or
 # /opt (e.g. PyTorch's pip wheels); they are put on LD_LIBRARY_PATH.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 export RUST_LIB_BACKTRACE=0 RUST_BACKTRACE=0
 BIN=$(realpath "${1:?usage: scripts/gpu_check.sh BIN_DIR OUT_DIR}")
 OUT=$(realpath -m "${2:?usage: scripts/gpu_check.sh BIN_DIR OUT_DIR}")

@@ -14,7 +14,6 @@ Run from the repository root:  python scripts/make_fixtures.py
 """
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -247,7 +246,7 @@ def training_goldens(model, fast, golden: dict):
     m.eval()  # dropout off (BART reads its dropout rates at construction); gradients still flow
     enc = [fast.encode(q) for q in QUERIES[:4]]
     labels = [fast.encode(k) + [EOS] for k in KEYWORDS[:4]]
-    dec = [[EOS] + l[:-1] for l in labels]
+    dec = [[EOS] + ln[:-1] for ln in labels]
     input_ids, attention_mask = pad_batch(enc, PAD)
     dec_ids, dec_mask = pad_batch(dec, PAD)
     lab, _ = pad_batch(labels, -100)

@@ -51,7 +51,7 @@ def main():
              "--batch_size", "4"],
             cwd=ROOT, check=True,
         )
-        ours = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
+        ours = [json.loads(ln) for ln in out.read_text(encoding="utf-8").splitlines()]
 
     failures = 0
     max_score_diff = 0.0

@@ -3,7 +3,7 @@
 //! from an evenly spaced sample of its batches).
 //!
 //! ```text
-//! KB_BENCH_MODEL=/tmp/kobart-random cargo bench -p kb-core --bench train_step
+//! KB_BENCH_MODEL=/tmp/kobart-random cargo bench -p kb-core --features train --bench train_step
 //! ```
 //! `KB_BENCH_DEVICE=cuda:0` (CUDA build), `KB_BENCH_BATCH=N`, `KB_BENCH_PRECISION=bf16`
 //! choose the device, batch size and mixed precision. `KB_BENCH_PHASES=1` also prints the time of each phase of every step.

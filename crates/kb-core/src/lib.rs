@@ -14,6 +14,8 @@
 //! # Ok::<(), kb_core::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod allocator;
 pub mod config;
 pub mod data;

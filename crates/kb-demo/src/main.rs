@@ -1,5 +1,7 @@
 //! `kb-demo`: the browser demo page for a running kb-serve. See `kb-demo --help`.
 
+#![warn(missing_docs)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

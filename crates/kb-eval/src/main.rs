@@ -2,6 +2,8 @@
 //!
 //! The metrics are [`kb_core::eval`]'s (see its documentation for the definitions).
 
+#![warn(missing_docs)]
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,5 +1,7 @@
 //! `kb-export`: a kb-train checkpoint → a Hugging Face model folder.
 
+#![warn(missing_docs)]
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};

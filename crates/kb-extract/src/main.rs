@@ -1,5 +1,7 @@
 //! `kb-extract`: keywords for Korean questions from the command line, with a KoBART model.
 
+#![warn(missing_docs)]
+
 mod input;
 mod output;
 

@@ -1,5 +1,7 @@
 //! `kb-serve`: the keyword HTTP server. See `kb-serve --help`.
 
+#![warn(missing_docs)]
+
 use std::process::ExitCode;
 
 use clap::Parser;

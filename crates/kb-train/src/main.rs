@@ -1,5 +1,7 @@
 //! `kb-train`: fine-tune a KoBART keyword extractor on `query`/`keyword` TSV files.
 
+#![warn(missing_docs)]
+
 use std::path::PathBuf;
 
 use std::sync::Arc;
