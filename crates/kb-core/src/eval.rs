@@ -469,7 +469,8 @@ mod tests {
             ..Matching::default()
         };
         let r = RowScore::new(&gold, &pred, &strict);
-        assert_eq!(r.true_positives, 0);
+        // Only `가능 여부`, also predicted with its space, matches strictly.
+        assert_eq!(r.true_positives, 1);
         assert_eq!(r.predicted.len(), 4);
     }
 
