@@ -124,7 +124,7 @@ fn main() {
         Ok(0) => {}
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("kb-train: error: {e:#}");
+            eprintln!("kb-train: error: {}", kb_cli::error_line(e.as_ref()));
             std::process::exit(1);
         }
     }
