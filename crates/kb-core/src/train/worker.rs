@@ -181,36 +181,46 @@ impl<'a, C: Collective> Worker<'a, C> {
             || state.best.last().map(|w| val < w.val_loss).unwrap_or(true);
         (state.epoch, state.batches_done) = next;
         state.elapsed_s = time;
+        let mut evicted = Vec::new();
         if qualifies {
             state.best.push(RankedCheckpoint {
                 name: name.clone(),
                 val_loss: val,
             });
             state.best.sort_by(|a, b| a.val_loss.total_cmp(&b.val_loss));
-            let evicted: Vec<RankedCheckpoint> = state
+            evicted = state
                 .best
                 .drain(settings.save_top_k.min(state.best.len())..)
                 .collect();
             if !evicted.iter().any(|e| e.name == name) {
                 self.save(&name)?;
             }
-            if self.writes() {
-                for e in evicted.iter().filter(|e| e.name != name) {
-                    let p = chp.join(&e.name);
-                    if p.exists() {
-                        std::fs::remove_dir_all(&p).map_err(|err| Error::io(&p, err))?;
-                    }
+        }
+        self.save("last")?;
+        // Only once `last` no longer lists them: a save that fails (a full disk) leaves every
+        // checkpoint the previous `last` knows.
+        if self.writes() {
+            for e in evicted.iter().filter(|e| e.name != name) {
+                let p = chp.join(&e.name);
+                if p.exists() {
+                    std::fs::remove_dir_all(&p).map_err(|err| Error::io(&p, err))?;
                 }
             }
         }
-        self.save("last")?;
         if let Some(metrics) = &self.metrics {
             if let Ok(records) = read_metrics(metrics.path()) {
-                let _ = plot_losses(
+                let out = self.ctx.run.join("loss.svg");
+                match plot_losses(
                     &records,
-                    &self.ctx.run.join("loss.svg"),
+                    &out,
                     &format!("kb-train: {}", self.ctx.run.display()),
-                );
+                ) {
+                    Err(e @ Error::Io { .. }) => {
+                        return Err(Error::Invalid(format!("cannot write the loss curve: {e}")))
+                    }
+                    Err(e) => tracing::warn!("{e}"),
+                    Ok(()) => {}
+                }
             }
         }
         Ok(val)
