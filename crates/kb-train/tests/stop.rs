@@ -296,6 +296,16 @@ impl Running {
     }
 }
 
+impl Drop for Running {
+    /// A test that fails half-way leaves no kb-train running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Optimizer steps recorded in a run's metrics.jsonl so far (complete lines only).
 fn steps_logged(run: &Path) -> usize {
     let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) else {
