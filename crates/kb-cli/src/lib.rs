@@ -47,6 +47,23 @@ pub fn init_stderr_log(program: &'static str) {
         .try_init();
 }
 
+/// An error and its causes as one line, `error: cause: cause`, leaving out a cause whose text the
+/// line already holds (kb-core's I/O errors name the file and repeat the system's message, which
+/// `{:#}` would print twice).
+pub fn error_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 /// `PROGRAM: [level: ]message fields` lines.
 struct ProgramPrefix(&'static str);
 
@@ -83,6 +100,32 @@ mod tests {
         n: usize,
         #[arg(long, value_parser = at_least_one_u64())]
         ms: Option<u64>,
+    }
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error, &'static str);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}", self.1)
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn causes_already_told_are_left_out() {
+        let io = || std::io::Error::other("disk full");
+        assert_eq!(
+            error_line(&Outer(io(), "a.txt: disk full")),
+            "a.txt: disk full"
+        );
+        assert_eq!(
+            error_line(&Outer(io(), "cannot save")),
+            "cannot save: disk full"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::config::BartConfig;
 use crate::error::{Error, Result};
 use crate::generation::GenerationConfig;
 use crate::tokenizer::KoTokenizer;
-use crate::train::checkpoint::{check_checkpoint_dir, val_loss_of_name, TrainerState};
+use crate::train::checkpoint::{check_checkpoint_dir, install_dir, val_loss_of_name, TrainerState};
 use crate::train::TrainSettings;
 use crate::weights::{check_tensors, save_safetensors};
 
@@ -220,7 +220,9 @@ print(tok.decode(model.generate(ids)[0], skip_special_tokens=True))  # beam 5 fr
 }
 
 /// Exports a checkpoint (see the module docs). The destination is written under a temporary
-/// name and renamed into place, so an interrupted export leaves nothing half-written.
+/// name and put in place in one step ([`install_dir`]), so an interrupted export leaves nothing
+/// half-written, and one that fails (a full or read-only disk) removes what it wrote and leaves
+/// an existing destination as it was; the error names the folder and the file.
 pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
     let ck = &opts.checkpoint;
     check_checkpoint_dir(ck)?;
@@ -287,16 +289,12 @@ pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_else(|| "export".into());
     let tmp = parent.join(format!(".tmp-export-{name}-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let old = parent.join(format!(".old-export-{name}-{}", std::process::id()));
 
     let obj = config_json.as_object_mut().ok_or_else(|| Error::Config {
         path: ck.join("config.json"),
@@ -310,77 +308,89 @@ pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
     obj.insert("dtype".into(), torch_dtype_name(opts.dtype).into());
     obj.remove("torch_dtype");
     obj.entry("model_type").or_insert("bart".into());
-    write_json(&tmp.join("config.json"), &config_json)?;
-    write_json(&tmp.join("generation_config.json"), &generation.to_json())?;
     let ordered: HashMap<String, Tensor> = tensors;
-    save_safetensors(&ordered, &tmp.join("model.safetensors"))?;
-    tokenizer.save(&tmp)?;
-    // The derived terms of grounded decoding travel with the model (checkpoints written before
-    // they existed have none).
-    let terms = ck.join(crate::pipeline::DERIVED_TERMS_FILE);
-    if terms.is_file() {
-        let dest = tmp.join(crate::pipeline::DERIVED_TERMS_FILE);
-        std::fs::copy(&terms, &dest).map_err(|e| Error::io(&dest, e))?;
-    }
-    let token = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i));
-    let sp = tokenizer.special();
-    let mut special = serde_json::Map::new();
-    for (key, tok) in [
-        ("bos_token", token(sp.bos)),
-        ("eos_token", token(Some(sp.eos[0]))),
-        ("unk_token", token(sp.unk)),
-        ("pad_token", token(Some(sp.pad))),
-        (
-            "mask_token",
-            tokenizer
-                .inner()
-                .token_to_id("<mask>")
-                .and_then(|i| tokenizer.inner().id_to_token(i)),
-        ),
-    ] {
-        if let Some(t) = tok {
-            special.insert(key.into(), t.into());
+    let count = ordered.len();
+    let write_files = || -> Result<()> {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
-    }
-    write_json(
-        &tmp.join("special_tokens_map.json"),
-        &serde_json::Value::Object(special.clone()),
-    )?;
-    let mut tc = special;
-    tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-    tc.insert(
-        "model_max_length".into(),
-        config.max_position_embeddings.into(),
-    );
-    tc.insert("clean_up_tokenization_spaces".into(), false.into());
-    write_json(
-        &tmp.join("tokenizer_config.json"),
-        &serde_json::Value::Object(tc),
-    )?;
-    std::fs::write(
-        tmp.join("README.md"),
-        model_card(&settings, &state, val_loss, ck, opts.dtype),
-    )
-    .map_err(|e| Error::io(tmp.join("README.md"), e))?;
-    for f in EXPORTED_FILES {
-        let p = tmp.join(f);
-        if let Ok(file) = std::fs::File::open(&p) {
-            file.sync_all().map_err(|e| Error::io(&p, e))?;
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        write_json(&tmp.join("config.json"), &config_json)?;
+        write_json(&tmp.join("generation_config.json"), &generation.to_json())?;
+        save_safetensors(&ordered, &tmp.join("model.safetensors"))?;
+        tokenizer.save(&tmp)?;
+        // The derived terms of grounded decoding travel with the model (checkpoints written before
+        // they existed have none).
+        let terms = ck.join(crate::pipeline::DERIVED_TERMS_FILE);
+        if terms.is_file() {
+            let dest = tmp.join(crate::pipeline::DERIVED_TERMS_FILE);
+            std::fs::copy(&terms, &dest).map_err(|e| Error::io(&dest, e))?;
         }
+        let token = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i));
+        let sp = tokenizer.special();
+        let mut special = serde_json::Map::new();
+        for (key, tok) in [
+            ("bos_token", token(sp.bos)),
+            ("eos_token", token(Some(sp.eos[0]))),
+            ("unk_token", token(sp.unk)),
+            ("pad_token", token(Some(sp.pad))),
+            (
+                "mask_token",
+                tokenizer
+                    .inner()
+                    .token_to_id("<mask>")
+                    .and_then(|i| tokenizer.inner().id_to_token(i)),
+            ),
+        ] {
+            if let Some(t) = tok {
+                special.insert(key.into(), t.into());
+            }
+        }
+        write_json(
+            &tmp.join("special_tokens_map.json"),
+            &serde_json::Value::Object(special.clone()),
+        )?;
+        let mut tc = special;
+        tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+        tc.insert(
+            "model_max_length".into(),
+            config.max_position_embeddings.into(),
+        );
+        tc.insert("clean_up_tokenization_spaces".into(), false.into());
+        write_json(
+            &tmp.join("tokenizer_config.json"),
+            &serde_json::Value::Object(tc),
+        )?;
+        std::fs::write(
+            tmp.join("README.md"),
+            model_card(&settings, &state, val_loss, ck, opts.dtype),
+        )
+        .map_err(|e| Error::io(tmp.join("README.md"), e))?;
+        for f in EXPORTED_FILES {
+            let p = tmp.join(f);
+            if let Ok(file) = std::fs::File::open(&p) {
+                file.sync_all().map_err(|e| Error::io(&p, e))?;
+            }
+        }
+        Ok(())
+    };
+    // On failure (a full or read-only disk) nothing is left: no temporary folder, and `out` as
+    // it was.
+    if let Err(e) = write_files().and_then(|()| install_dir(&tmp, out, &old)) {
+        if tmp.exists() {
+            if let Err(r) = std::fs::remove_dir_all(&tmp) {
+                tracing::warn!("cannot remove {}: {r}", tmp.display());
+            }
+        }
+        return Err(Error::Invalid(format!(
+            "cannot export to {}: {e}",
+            out.display()
+        )));
     }
-    let weight_bytes = std::fs::metadata(tmp.join("model.safetensors"))
+    let weight_bytes = std::fs::metadata(out.join("model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
-    let count = ordered.len();
-
-    if out.exists() {
-        let old = parent.join(format!(".old-export-{name}-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    } else {
-        std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    }
     Ok(ExportSummary {
         output_dir: out.clone(),
         tensors: count,

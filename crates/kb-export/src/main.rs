@@ -52,7 +52,7 @@ struct Args {
 fn main() {
     kb_cli::init_stderr_log("kb-export");
     if let Err(e) = run(Args::parse()) {
-        eprintln!("kb-export: error: {e:#}");
+        eprintln!("kb-export: error: {}", kb_cli::error_line(e.as_ref()));
         std::process::exit(1);
     }
 }

@@ -52,6 +52,32 @@ fn kb_export(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// kb-export with no file allowed past `max_file_bytes` (RLIMIT_FSIZE, which holds for root
+/// too): a write beyond fails with EFBIG, as one on a full disk fails with ENOSPC. SIGXFSZ, which
+/// would kill the process instead, is ignored.
+fn kb_export_with_file_limit(args: &[&str], max_file_bytes: u64) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kb-export"));
+    cmd.args(args);
+    // SAFETY: between fork and exec the closure only makes two async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::signal(libc::SIGXFSZ, libc::SIG_IGN) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            let limit = libc::rlimit {
+                rlim_cur: max_file_bytes as libc::rlim_t,
+                rlim_max: max_file_bytes as libc::rlim_t,
+            };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
 fn logits(m: &KeywordModel) -> Tensor {
     let ids = Tensor::new(&[[40u32, 41, 42, 43, 44], [50, 51, 52, 3, 3]], &Device::Cpu).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
@@ -276,5 +302,66 @@ fn refuses_bad_inputs_clearly() {
     assert!(
         err.contains("model.safetensors") && err.contains("cannot read weights"),
         "{err}"
+    );
+}
+
+#[test]
+fn a_failed_write_leaves_no_partial_folder_and_keeps_the_one_it_would_replace() {
+    let (dir, run) = trained_run();
+    let last = run.join("model_chp/last");
+    let out = dir.path().join("exported");
+    let hidden = || -> Vec<String> {
+        std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with('.'))
+            .collect()
+    };
+    let args = |force: bool| {
+        let mut a = vec![
+            "--checkpoint",
+            last.to_str().unwrap(),
+            "--output_dir",
+            out.to_str().unwrap(),
+        ];
+        if force {
+            a.push("--force");
+        }
+        a
+    };
+    // The fixture's model.safetensors is about 930 kB; everything else fits in 500 kB.
+    let o = kb_export_with_file_limit(&args(false), 500_000);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    eprintln!("{err}");
+    for part in [
+        format!("kb-export: error: cannot export to {}", out.display()),
+        "model.safetensors".into(),
+        "File too large".into(),
+    ] {
+        assert!(err.contains(&part), "{part:?} not in: {err}");
+    }
+    assert!(!out.exists(), "no partial output folder");
+    assert!(
+        hidden().is_empty(),
+        "temporary folders left: {:?}",
+        hidden()
+    );
+
+    // An export in place is left as it was when its replacement fails.
+    let o = kb_export(&args(false));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let reference = logits(&KeywordModel::load_dir(&out, DType::F32, &Device::Cpu).unwrap());
+    let o = kb_export_with_file_limit(&args(true), 500_000);
+    assert_eq!(o.status.code(), Some(1));
+    for f in kb_core::export::EXPORTED_FILES {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let kept = logits(&KeywordModel::load_dir(&out, DType::F32, &Device::Cpu).unwrap());
+    assert_eq!(max_diff(&reference, &kept), 0.0);
+    assert!(
+        hidden().is_empty(),
+        "temporary folders left: {:?}",
+        hidden()
     );
 }

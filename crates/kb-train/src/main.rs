@@ -9,7 +9,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches};
 use indicatif::{ProgressBar, ProgressStyle};
-use kb_core::train::{train, RunOptions, StepReport, TrainProgress, TrainSettings};
+use kb_core::train::{train, RunOptions, StepReport, StopRequest, TrainProgress, TrainSettings};
+
+mod signals;
 
 /// Fine-tune a KoBART (BART) keyword extractor on TSV files with `query` and `keyword` columns.
 ///
@@ -26,6 +28,11 @@ use kb_core::train::{train, RunOptions, StepReport, TrainProgress, TrainSettings
 ///   kb-train --accelerator cpu --dp_workers 2 --config configs/quickstart-cpu.toml
 ///   kb-train --resume checkpoint
 ///   kb-train --derive_terms configs/derived_terms.tsv --train_file data/train.tsv
+///
+/// SIGINT (Ctrl-C) or SIGTERM stops a run after the current optimizer step: `last` is saved
+/// there, one line names the step and the command that continues, and the exit status is
+/// 128 + the signal's number (130 for SIGINT, 143 for SIGTERM). A second signal ends the process
+/// at once, with the same status, keeping the checkpoints saved before.
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "kb-train",
@@ -115,13 +122,18 @@ fn main() {
     let matches = command().get_matches();
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     kb_core::allocator::retain_freed_memory();
-    if let Err(e) = run(&args, &matches) {
-        eprintln!("kb-train: error: {e:#}");
-        std::process::exit(1);
+    match run(&args, &matches) {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("kb-train: error: {}", kb_cli::error_line(e.as_ref()));
+            std::process::exit(1);
+        }
     }
 }
 
-fn run(args: &Args, matches: &clap::ArgMatches) -> Result<()> {
+/// Runs the command; returns the exit status (0, or 128 + N after a stop by signal N).
+fn run(args: &Args, matches: &clap::ArgMatches) -> Result<i32> {
     let settings = settings(args, matches)?;
     if let Some(out) = &args.derive_terms {
         let data = kb_core::data::Dataset::read_tsv(&settings.train_file, settings.skip_bad_rows)?;
@@ -134,8 +146,10 @@ fn run(args: &Args, matches: &clap::ArgMatches) -> Result<()> {
             data.examples.len(),
             out.display()
         );
-        return Ok(());
+        return Ok(0);
     }
+    let stop = StopRequest::new();
+    signals::stop_on_signals(&stop)?;
     let outcome = train(
         &settings,
         &RunOptions {
@@ -144,9 +158,20 @@ fn run(args: &Args, matches: &clap::ArgMatches) -> Result<()> {
             progress: Some(Arc::new(EpochBar(std::sync::Mutex::new(
                 ProgressBar::hidden(),
             )))),
+            stop: stop.clone(),
         },
     )?;
     let chp = outcome.run_dir.join("model_chp");
+    if outcome.stopped {
+        let (name, code) = signals::describe(stop.cause());
+        eprintln!(
+            "kb-train: stopped by {name} after step {}/{}; continue with: kb-train --resume {}",
+            outcome.global_step,
+            outcome.total_steps,
+            signals::shell_quote(&outcome.run_dir.display().to_string())
+        );
+        return Ok(code);
+    }
     if outcome.interrupted {
         eprintln!(
             "kb-train: stopped after step {}/{} as asked; continue with: kb-train --resume {}",
@@ -179,5 +204,5 @@ fn run(args: &Args, matches: &clap::ArgMatches) -> Result<()> {
         outcome.run_dir.join("metrics.jsonl").display(),
         outcome.run_dir.join("loss.svg").display()
     );
-    Ok(())
+    Ok(0)
 }

@@ -40,24 +40,33 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// Opens `run/metrics.jsonl`; when resuming at `keep_upto_step`, records after it (written by
-    /// the interrupted run after its last checkpoint) are dropped first.
+    /// the interrupted run after its last checkpoint) are dropped first, and so is a last line
+    /// cut short (a write that failed, a full disk).
     pub fn open(run: &Path, keep_upto_step: Option<usize>) -> Result<Self> {
         std::fs::create_dir_all(run).map_err(|e| Error::io(run, e))?;
         let path = run.join("metrics.jsonl");
         match keep_upto_step {
             Some(step) if path.exists() => {
-                let kept: Vec<MetricRecord> = read_metrics(&path)?
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+                if complete.len() < text.len() {
+                    tracing::warn!(
+                        "{}: dropped its last line, cut short: {:?}",
+                        path.display(),
+                        &text[complete.len()..]
+                    );
+                }
+                let kept: Vec<MetricRecord> = parse_metrics(complete, &path)?
                     .into_iter()
                     .filter(|r| r.step <= step)
                     .collect();
-                let tmp = run.join(".metrics.jsonl.tmp");
                 let mut text = String::new();
                 for r in &kept {
                     text.push_str(&serde_json::to_string(r).expect("serialisable"));
                     text.push('\n');
                 }
-                std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-                std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))?;
+                let tmp = run.join(".metrics.jsonl.tmp");
+                write_then_rename(&tmp, &path, text.as_bytes())?;
             }
             None if path.exists() => {
                 std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
@@ -72,10 +81,12 @@ impl MetricsLog {
         Ok(Self { path, file })
     }
 
-    /// Appends one record.
+    /// Appends one record (one write of the whole line).
     pub fn write(&mut self, r: &MetricRecord) -> Result<()> {
-        let line = serde_json::to_string(r).expect("serialisable");
-        writeln!(self.file, "{line}").map_err(|e| Error::io(&self.path, e))
+        let line = serde_json::to_string(r).expect("serialisable") + "\n";
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))
     }
 
     /// The file's path.
@@ -87,6 +98,10 @@ impl MetricsLog {
 /// Reads `metrics.jsonl`; a malformed line is an error naming it.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_metrics(&text, path)
+}
+
+fn parse_metrics(text: &str, path: &Path) -> Result<Vec<MetricRecord>> {
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
@@ -97,8 +112,20 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRecord>> {
         .collect()
 }
 
+/// Writes `bytes` to `tmp`, then renames it to `path`: `path` is the old file or the new one,
+/// never a part. On failure `tmp` is removed and the error names `path`.
+fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(tmp, bytes)
+        .and_then(|()| std::fs::rename(tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(tmp);
+            Error::io(path, e)
+        })
+}
+
 /// Draws training loss (per step, with a moving average) and validation loss against the
-/// optimizer step into an SVG picture.
+/// optimizer step into an SVG picture at `out`, replaced in one step (a temporary file renamed).
+/// A failed write is an [`Error::Io`] naming `out`; a drawing that fails, [`Error::Invalid`].
 pub fn plot_losses(records: &[MetricRecord], out: &Path, title: &str) -> Result<()> {
     let train: Vec<(f64, f64)> = records
         .iter()
@@ -123,8 +150,9 @@ pub fn plot_losses(records: &[MetricRecord], out: &Path, title: &str) -> Result<
     });
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.05).max(1e-3);
-    let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(out, (900, 540)).into_drawing_area();
+    let mut svg = String::new();
+    let mut draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::with_string(&mut svg, (900, 540)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
@@ -167,7 +195,13 @@ pub fn plot_losses(records: &[MetricRecord], out: &Path, title: &str) -> Result<
         root.present()?;
         Ok(())
     };
-    draw().map_err(|e| Error::Invalid(format!("cannot draw {}: {e}", out.display())))
+    draw().map_err(|e| Error::Invalid(format!("cannot draw {}: {e}", out.display())))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "plot.svg".into());
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    write_then_rename(&tmp, out, svg.as_bytes())
 }
 
 #[cfg(test)]
@@ -209,5 +243,39 @@ mod tests {
             "{}",
             &svg[..200]
         );
+    }
+
+    #[test]
+    fn failed_writes_name_the_file_and_leave_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A full disk: /dev/full fails every write with ENOSPC.
+        if let Ok(file) = std::fs::OpenOptions::new().append(true).open("/dev/full") {
+            let mut log = MetricsLog {
+                path: dir.path().join("metrics.jsonl"),
+                file,
+            };
+            let err = log.write(&rec(1, Some(1.0), None)).unwrap_err();
+            assert!(matches!(err, Error::Io { .. }), "{err}");
+            let err = err.to_string();
+            assert!(
+                err.contains("metrics.jsonl") && err.contains("No space left on device"),
+                "{err}"
+            );
+        } else {
+            eprintln!("no /dev/full here: the metrics write is not checked");
+        }
+        // A picture whose folder is gone.
+        let out = dir.path().join("gone/loss.svg");
+        let err = plot_losses(&[rec(1, Some(1.0), None)], &out, "run").unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert!(err.to_string().contains("gone/loss.svg"), "{err}");
+        // Replaced in one step: no temporary file beside it once written.
+        let out = dir.path().join("loss.svg");
+        plot_losses(&[rec(1, Some(1.0), None)], &out, "run").unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, ["loss.svg"]);
     }
 }

@@ -20,7 +20,7 @@ pub use collective::{Collective, InProcessGroup, SingleWorker};
 pub use optim::{
     clip_coefficient, clip_grad_norm, linear_warmup_decay, warmup_steps, AdamW, AdamWConfig,
 };
-pub use run::{RunOptions, StepReport, TrainProgress};
+pub use run::{RunOptions, StepReport, StopRequest, TrainProgress};
 pub use settings::{Accelerator, InitMode, Precision, TrainSettings};
 pub use trainable::{masked_cross_entropy, Trainable};
 pub use trainer::{derived_terms_of, train, TrainOutcome, DERIVED_TERM_MIN_COUNT};

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
@@ -47,6 +48,61 @@ pub struct StepReport {
     pub tokens_per_s: f64,
 }
 
+/// A request to stop a run early and resumably: set from anywhere (a signal handler, another
+/// thread, a [`TrainProgress`] observer), it makes every worker finish its current optimizer
+/// step, agree on that step with the others, and end; worker 0 saves `last` there, so `--resume`
+/// continues exactly. Clones share one request.
+///
+/// The workers look at it after each optimizer step (but the schedule's last, which ends the
+/// run anyway); with several workers they sum it over the group once per step, so all of them
+/// stop after the same step even if they see the request at different moments.
+#[derive(Clone, Default)]
+pub struct StopRequest(Arc<AtomicUsize>);
+
+impl StopRequest {
+    /// The cause [`StopRequest::request`] records.
+    pub const ASKED: usize = usize::MAX;
+
+    /// A request nobody has made yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the run to stop; returns whether this is the first request.
+    pub fn request(&self) -> bool {
+        self.request_because(Self::ASKED)
+    }
+
+    /// Asks the run to stop for `cause` (non-zero; kb-train passes the signal's number), unless
+    /// a request is already in; returns whether this is the first request. One atomic
+    /// compare-and-swap: safe to call from a signal handler.
+    pub fn request_because(&self, cause: usize) -> bool {
+        assert!(cause != 0, "a stop request's cause is non-zero");
+        self.0
+            .compare_exchange(0, cause, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Whether a stop has been requested.
+    pub fn is_requested(&self) -> bool {
+        self.cause().is_some()
+    }
+
+    /// The cause of the first request, if any.
+    pub fn cause(&self) -> Option<usize> {
+        match self.0.load(Ordering::SeqCst) {
+            0 => None,
+            c => Some(c),
+        }
+    }
+}
+
+impl std::fmt::Debug for StopRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("StopRequest").field(&self.cause()).finish()
+    }
+}
+
 /// Options of one invocation that are not part of the recipe.
 #[derive(Clone, Default)]
 pub struct RunOptions {
@@ -56,6 +112,9 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Told of epochs and steps (nothing is drawn when `None`).
     pub progress: Option<Arc<dyn TrainProgress>>,
+    /// Stops the run, saving `last`, after the optimizer step during which it is requested
+    /// (kb-train requests it on SIGINT and SIGTERM).
+    pub stop: StopRequest,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -64,6 +123,7 @@ impl std::fmt::Debug for RunOptions {
             .field("resume", &self.resume)
             .field("stop_after", &self.stop_after)
             .field("progress", &self.progress.is_some())
+            .field("stop", &self.stop)
             .finish()
     }
 }
@@ -138,4 +198,6 @@ pub(crate) struct WorkerOutcome {
     pub(crate) state: TrainerState,
     pub(crate) last_train_loss: Option<f64>,
     pub(crate) interrupted: bool,
+    /// Whether the run's [`StopRequest`] ended it.
+    pub(crate) stopped: bool,
 }

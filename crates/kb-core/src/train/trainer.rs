@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
-use super::checkpoint::{find_last, read_checkpoint, RankedCheckpoint, TrainerState};
+use super::checkpoint::{
+    find_last, read_checkpoint, recover_checkpoints, RankedCheckpoint, TrainerState,
+};
 use super::launch::{run_cpu_workers, run_gpu_workers};
 use super::optim::warmup_steps;
 use super::run::{RunContext, RunOptions, Setup};
@@ -33,8 +35,11 @@ pub struct TrainOutcome {
     pub val_loss: Option<f64>,
     /// Training loss of the last step.
     pub last_train_loss: Option<f64>,
-    /// Whether `stop_after` ended the run before its schedule.
+    /// Whether the run ended before its schedule (`stop_after` or the stop request), with
+    /// `last` saved where it stopped.
     pub interrupted: bool,
+    /// Whether the stop request ([`RunOptions::stop`]) ended it.
+    pub stopped: bool,
     /// Training seconds (resumed runs included).
     pub elapsed_s: f64,
     /// Run folder.
@@ -190,6 +195,7 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
     let chp = run.join("model_chp");
     if settings.node_rank == 0 {
         std::fs::create_dir_all(&chp).map_err(|e| Error::io(&chp, e))?;
+        recover_checkpoints(&chp)?;
         announce(&settings, &state, train_data.len(), val_data.len());
     }
     let ctx = RunContext {
@@ -216,6 +222,7 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         val_loss: done.state.val_loss,
         last_train_loss: done.last_train_loss,
         interrupted: done.interrupted,
+        stopped: done.stopped,
         elapsed_s: done.state.elapsed_s,
         run_dir: run,
     })

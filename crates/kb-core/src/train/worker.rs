@@ -55,6 +55,8 @@ pub(crate) struct Worker<'a, C: Collective> {
     run_clock: Instant,
     last_train_loss: Option<f64>,
     steps_this_run: usize,
+    /// Set when the run's stop request ended it.
+    stopped: bool,
 }
 
 impl<'a, C: Collective> Worker<'a, C> {
@@ -92,6 +94,7 @@ impl<'a, C: Collective> Worker<'a, C> {
             run_clock: Instant::now(),
             last_train_loss: None,
             steps_this_run: 0,
+            stopped: false,
         })
     }
 
@@ -178,36 +181,46 @@ impl<'a, C: Collective> Worker<'a, C> {
             || state.best.last().map(|w| val < w.val_loss).unwrap_or(true);
         (state.epoch, state.batches_done) = next;
         state.elapsed_s = time;
+        let mut evicted = Vec::new();
         if qualifies {
             state.best.push(RankedCheckpoint {
                 name: name.clone(),
                 val_loss: val,
             });
             state.best.sort_by(|a, b| a.val_loss.total_cmp(&b.val_loss));
-            let evicted: Vec<RankedCheckpoint> = state
+            evicted = state
                 .best
                 .drain(settings.save_top_k.min(state.best.len())..)
                 .collect();
             if !evicted.iter().any(|e| e.name == name) {
                 self.save(&name)?;
             }
-            if self.writes() {
-                for e in evicted.iter().filter(|e| e.name != name) {
-                    let p = chp.join(&e.name);
-                    if p.exists() {
-                        std::fs::remove_dir_all(&p).map_err(|err| Error::io(&p, err))?;
-                    }
+        }
+        self.save("last")?;
+        // Only once `last` no longer lists them: a save that fails (a full disk) leaves every
+        // checkpoint the previous `last` knows.
+        if self.writes() {
+            for e in evicted.iter().filter(|e| e.name != name) {
+                let p = chp.join(&e.name);
+                if p.exists() {
+                    std::fs::remove_dir_all(&p).map_err(|err| Error::io(&p, err))?;
                 }
             }
         }
-        self.save("last")?;
         if let Some(metrics) = &self.metrics {
             if let Ok(records) = read_metrics(metrics.path()) {
-                let _ = plot_losses(
+                let out = self.ctx.run.join("loss.svg");
+                match plot_losses(
                     &records,
-                    &self.ctx.run.join("loss.svg"),
+                    &out,
                     &format!("kb-train: {}", self.ctx.run.display()),
-                );
+                ) {
+                    Err(e @ Error::Io { .. }) => {
+                        return Err(Error::Invalid(format!("cannot write the loss curve: {e}")))
+                    }
+                    Err(e) => tracing::warn!("{e}"),
+                    Ok(()) => {}
+                }
             }
         }
         Ok(val)
@@ -245,7 +258,7 @@ impl<'a, C: Collective> Worker<'a, C> {
         Ok(out)
     }
 
-    /// Trains until the schedule ends or `stop_after` interrupts it.
+    /// Trains until the schedule ends or `stop_after` or the stop request interrupts it.
     pub(crate) fn run(mut self) -> Result<WorkerOutcome> {
         let settings = self.ctx.settings;
         let mut interrupted = false;
@@ -291,6 +304,7 @@ impl<'a, C: Collective> Worker<'a, C> {
             state: self.state,
             last_train_loss: self.last_train_loss,
             interrupted,
+            stopped: self.stopped,
         })
     }
 
@@ -307,7 +321,7 @@ impl<'a, C: Collective> Worker<'a, C> {
     }
 
     /// Trains from the current position to the end of `epoch`; returns whether `stop_after`
-    /// interrupted the run mid-epoch (after saving `last`).
+    /// (mid-epoch) or the stop request interrupted the run (after saving `last`).
     fn run_epoch(&mut self, epoch: usize) -> Result<bool> {
         let ctx = self.ctx;
         let settings = ctx.settings;
@@ -358,7 +372,7 @@ impl<'a, C: Collective> Worker<'a, C> {
 
     /// Trains on the shards `rx` delivers (batches `start_batch..plan_len` of `epoch`), one
     /// optimizer step per `accumulate_grad_batches` of them; returns whether `stop_after`
-    /// interrupted the run mid-epoch.
+    /// (mid-epoch) or the stop request interrupted the run.
     fn consume(
         &mut self,
         rx: std::sync::mpsc::Receiver<Result<Shard>>,
@@ -376,7 +390,7 @@ impl<'a, C: Collective> Worker<'a, C> {
                 p.batches_done(self.state.batches_done);
             }
             let end_of_step =
-                (batch_index + 1) % accumulate == 0 || self.state.batches_done == plan_len;
+                (batch_index + 1).is_multiple_of(accumulate) || self.state.batches_done == plan_len;
             if !end_of_step {
                 continue;
             }
@@ -507,8 +521,8 @@ impl<'a, C: Collective> Worker<'a, C> {
     }
 
     /// What follows an optimizer step: a mid-epoch validation or `last` save when their
-    /// interval comes, and the end of the schedule or of `stop_after`. `Some(interrupted)` ends
-    /// the epoch's loop (`true`: stopped mid-epoch with `last` saved).
+    /// interval comes, and the end of the schedule, of `stop_after` or the stop request.
+    /// `Some(interrupted)` ends the epoch's loop (`true`: stopped with `last` saved).
     fn after_step(&mut self, plan_len: usize) -> Result<Option<bool>> {
         let settings = self.ctx.settings;
         let mid_epoch = self.state.batches_done < plan_len;
@@ -520,14 +534,34 @@ impl<'a, C: Collective> Worker<'a, C> {
                 self.evaluate(true, here)?;
             }
         }
+        let mut saved = false;
         if let Some(n) = settings.save_every_n_steps {
             if step.is_multiple_of(n) && mid_epoch {
                 self.state.elapsed_s = self.now();
                 self.save("last")?;
+                saved = true;
             }
         }
         if at_end {
             return Ok(Some(false));
+        }
+        // After the interval's validation, so that a resumed run has the same records; at an
+        // epoch's end before its validation, which the resumed run then does.
+        if self.stop_agreed()? {
+            if !saved {
+                self.state.elapsed_s = self.now();
+                self.save("last")?;
+            }
+            self.stopped = true;
+            if self.writes() {
+                tracing::debug!(
+                    "stop requested: stopped after step {}/{}, saved {}",
+                    step,
+                    self.state.total_steps,
+                    self.ctx.chp.join("last").display()
+                );
+            }
+            return Ok(Some(true));
         }
         if self
             .ctx
@@ -536,13 +570,30 @@ impl<'a, C: Collective> Worker<'a, C> {
             .is_some_and(|n| self.steps_this_run >= n)
         {
             if mid_epoch {
-                self.state.elapsed_s = self.now();
-                self.save("last")?;
+                if !saved {
+                    self.state.elapsed_s = self.now();
+                    self.save("last")?;
+                }
                 return Ok(Some(true));
             }
             return Ok(Some(false)); // the epoch end validates and saves, then stops
         }
         Ok(None)
+    }
+
+    /// Whether the run stops after this step: the stop request as any worker sees it now, summed
+    /// over the group (every worker calls this once per step, in the same place), so that all
+    /// of them agree.
+    fn stop_agreed(&self) -> Result<bool> {
+        let mut asked = [if self.ctx.options.stop.is_requested() {
+            1.0
+        } else {
+            0.0
+        }];
+        if self.comm.world_size() > 1 {
+            self.comm.all_reduce_f64(&mut asked)?;
+        }
+        Ok(asked[0] > 0.0)
     }
 }
 
