@@ -250,11 +250,7 @@ impl BartConfig {
 
     /// Parses and validates `config.json` text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let cfg: BartConfig = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            field: field_of_serde_error(&e),
-            message: e.to_string(),
-        })?;
+        let cfg: BartConfig = parse_json(text, path)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -455,15 +451,33 @@ impl BartConfig {
     }
 }
 
-/// Best-effort extraction of the field name from a serde error message.
-fn field_of_serde_error(e: &serde_json::Error) -> String {
-    let msg = e.to_string();
-    if let Some(start) = msg.find('`') {
-        if let Some(len) = msg[start + 1..].find('`') {
-            return msg[start + 1..start + 1 + len].to_string();
-        }
-    }
-    "-".into()
+/// Deserializes a JSON config file's `text`; an error names `path` and the top-level field it
+/// is about (where serde was when it failed, or the field a `duplicate field` error quotes), or
+/// `-` when it concerns the whole text (not JSON, not an object).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let error = |field: String, message: String| Error::Config {
+        path: path.to_path_buf(),
+        field,
+        message,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = match e.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => key.clone(),
+            _ => quoted_field(&e.inner().to_string()).unwrap_or_else(|| "-".into()),
+        };
+        error(field, e.into_inner().to_string())
+    })?;
+    de.end().map_err(|e| error("-".into(), e.to_string()))?;
+    Ok(value)
+}
+
+/// The field a serde message about the object itself quotes (`duplicate field `x``).
+fn quoted_field(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("duplicate field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
+    rest.split_once('`').map(|(field, _)| field.to_string())
 }
 
 #[cfg(test)]
@@ -504,11 +518,33 @@ mod tests {
     #[test]
     fn wrong_type_names_the_field() {
         let err = parse(r#"{"d_model": "wide"}"#).unwrap_err().to_string();
-        assert!(err.contains("config.json"), "{err}");
         assert!(
-            err.contains("d_model") || err.contains("invalid type"),
+            err.starts_with("config.json: field `d_model`: invalid type"),
             "{err}"
         );
+    }
+
+    /// Found by tests/fuzz_parsers.rs: the field was taken from the first backquoted word of
+    /// serde's message, which for a bad number is the value (`field `-1``).
+    #[test]
+    fn errors_name_the_field_not_the_value() {
+        for (json, field) in [
+            (r#"{"d_model": -1}"#, "d_model"),
+            (r#"{"max_length": 0.0}"#, "max_length"),
+            (r#"{"vocab_size": 10, "model_type": 5}"#, "model_type"),
+            (r#"{"eos_token_id": [1, -1]}"#, "eos_token_id"),
+            (r#"{"d_model": 64, "d_model": 64}"#, "d_model"),
+        ] {
+            let err = parse(json).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("config.json: field `{field}`: ")),
+                "{json}: {err}"
+            );
+        }
+        for json in ["", "[1]", "{} x", "{\"d_model\": 1"] {
+            let err = parse(json).unwrap_err().to_string();
+            assert!(err.starts_with("config.json: field `"), "{json}: {err}");
+        }
     }
 
     #[test]

@@ -147,11 +147,7 @@ impl GenerationConfig {
 
     /// Parses `generation_config.json` text; missing token ids fall back to `cfg`.
     pub fn from_json_str(text: &str, path: &Path, cfg: &BartConfig) -> Result<Self> {
-        let raw: RawGenerationConfig = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            field: "-".into(),
-            message: e.to_string(),
-        })?;
+        let raw: RawGenerationConfig = crate::config::parse_json(text, path)?;
         if raw.do_sample == Some(true) {
             return Err(Error::Config {
                 path: path.to_path_buf(),
