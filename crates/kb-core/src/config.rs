@@ -324,6 +324,19 @@ impl BartConfig {
                 ),
             ));
         }
+        if self
+            .max_position_embeddings
+            .checked_add(self.extra_pos_embeddings)
+            .is_none()
+        {
+            return Err(bad(
+                "max_position_embeddings",
+                format!(
+                    "{} is too large (the position table has {} more rows)",
+                    self.max_position_embeddings, self.extra_pos_embeddings
+                ),
+            ));
+        }
         if self.static_position_embeddings {
             return Err(bad(
                 "static_position_embeddings",
@@ -545,6 +558,25 @@ mod tests {
             let err = parse(json).unwrap_err().to_string();
             assert!(err.starts_with("config.json: field `"), "{json}: {err}");
         }
+    }
+
+    /// Found by tests/fuzz_parsers.rs: `usize::MAX` positions were accepted, and computing the
+    /// position table's rows (`max_position_embeddings + 2`) when loading the model overflowed.
+    #[test]
+    fn positions_whose_table_cannot_exist_are_refused() {
+        let err = parse(&format!(r#"{{"max_position_embeddings": {}}}"#, usize::MAX))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config.json: field `max_position_embeddings`: "),
+            "{err}"
+        );
+        let c = parse(&format!(
+            r#"{{"max_position_embeddings": {}}}"#,
+            usize::MAX - 2
+        ))
+        .unwrap();
+        assert_eq!(c.position_table_rows(), usize::MAX);
     }
 
     #[test]
