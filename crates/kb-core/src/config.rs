@@ -355,29 +355,25 @@ impl BartConfig {
                 "the Blenderbot-90M layer norm variant is not supported".into(),
             ));
         }
-        let vocab = self.vocab_size as u32;
+        let outside = |id: u32| (id as usize) >= self.vocab_size;
         let ids = [
             ("pad_token_id", self.pad_token_id),
             ("bos_token_id", self.bos_token_id),
             ("decoder_start_token_id", self.decoder_start_token_id),
             ("forced_eos_token_id", self.forced_eos_token_id),
             ("forced_bos_token_id", self.forced_bos_token_id),
-        ];
+        ]
+        .into_iter()
+        .filter_map(|(field, id)| id.map(|id| (field, id)))
+        .chain(self.eos_ids().into_iter().map(|id| ("eos_token_id", id)));
         for (field, id) in ids {
-            if let Some(id) = id {
-                if id >= vocab {
-                    return Err(bad(
-                        field,
-                        format!("id {id} is outside the vocabulary of {vocab}"),
-                    ));
-                }
-            }
-        }
-        for id in self.eos_ids() {
-            if id >= vocab {
+            if outside(id) {
                 return Err(bad(
-                    "eos_token_id",
-                    format!("id {id} is outside the vocabulary of {vocab}"),
+                    field,
+                    format!(
+                        "id {id} is outside the vocabulary (vocab_size {})",
+                        self.vocab_size
+                    ),
                 ));
             }
         }
@@ -577,6 +573,24 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.position_table_rows(), usize::MAX);
+    }
+
+    /// Found by tests/fuzz_parsers.rs: the vocabulary size was cut to 32 bits before token ids
+    /// were compared with it, so `vocab_size` 2^32 refused every id ("outside the vocabulary of
+    /// 0") and 2^32 + 1 accepted only id 0.
+    #[test]
+    fn token_ids_are_checked_against_the_whole_vocabulary_size() {
+        for vocab in [1u64 << 32, (1 << 32) + 1, u64::MAX] {
+            let c = parse(&format!(r#"{{"vocab_size": {vocab}, "pad_token_id": 3}}"#)).unwrap();
+            assert_eq!(c.vocab_size as u64, vocab);
+        }
+        let err = parse(r#"{"vocab_size": 3, "pad_token_id": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config.json: field `pad_token_id`: ") && err.contains("vocab_size 3"),
+            "{err}"
+        );
     }
 
     #[test]
