@@ -472,6 +472,8 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path
     let mut de = serde_json::Deserializer::from_str(text);
     let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let field = match e.path().iter().next() {
+            // Text that is not JSON is about no field, wherever the parser stopped.
+            _ if !e.inner().is_data() => "-".into(),
             Some(serde_path_to_error::Segment::Map { key }) => key.clone(),
             _ => quoted_field(&e.inner().to_string()).unwrap_or_else(|| "-".into()),
         };
@@ -550,10 +552,20 @@ mod tests {
                 "{json}: {err}"
             );
         }
-        for json in ["", "[1]", "{} x", "{\"d_model\": 1"] {
+        // Text that is not JSON names no field, even when it stops inside one (`{"": ` named
+        // the field ``).
+        for json in [
+            "",
+            "{} x",
+            "{\"d_model\": 1",
+            "{\"\": ",
+            "{\"d_model\": 6x}",
+        ] {
             let err = parse(json).unwrap_err().to_string();
-            assert!(err.starts_with("config.json: field `"), "{json}: {err}");
+            assert!(err.starts_with("config.json: field `-`: "), "{json}: {err}");
         }
+        let err = parse("[1]").unwrap_err().to_string();
+        assert!(err.starts_with("config.json: field `-`: "), "{err}");
     }
 
     /// Found by tests/fuzz_parsers.rs: `usize::MAX` positions were accepted, and computing the
