@@ -187,6 +187,27 @@ impl GenerationConfig {
             field: m.0.into(),
             message: m.1,
         })?;
+        let ids = [
+            ("decoder_start_token_id", Some(out.decoder_start_token_id)),
+            ("pad_token_id", out.pad_token_id),
+            ("forced_eos_token_id", out.forced_eos_token_id),
+            ("forced_bos_token_id", out.forced_bos_token_id),
+        ]
+        .into_iter()
+        .filter_map(|(field, id)| id.map(|id| (field, id)))
+        .chain(out.eos_token_ids.iter().map(|&id| ("eos_token_id", id)));
+        for (field, id) in ids {
+            if id as usize >= cfg.vocab_size {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    field: field.into(),
+                    message: format!(
+                        "id {id} is outside the model's vocabulary (config.json's vocab_size {})",
+                        cfg.vocab_size
+                    ),
+                });
+            }
+        }
         Ok(out)
     }
 
@@ -284,6 +305,40 @@ mod tests {
             g.forced_eos_token_id, None,
             "the file, not config.json, decides"
         );
+    }
+
+    /// Found by tests/fuzz_parsers.rs: token ids outside the model's vocabulary were accepted
+    /// (an eos the model can never produce, a forced token that forces nothing).
+    #[test]
+    fn token_ids_must_be_in_the_vocabulary() {
+        for field in [
+            "eos_token_id",
+            "pad_token_id",
+            "decoder_start_token_id",
+            "forced_eos_token_id",
+            "forced_bos_token_id",
+        ] {
+            let path = Path::new("generation_config.json");
+            let err =
+                GenerationConfig::from_json_str(&format!(r#"{{"{field}": 100}}"#), path, &kobart())
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                err.starts_with(&format!("generation_config.json: field `{field}`: "))
+                    && err.contains("vocab_size 100"),
+                "{err}"
+            );
+            GenerationConfig::from_json_str(&format!(r#"{{"{field}": 99}}"#), path, &kobart())
+                .unwrap();
+        }
+        let err = GenerationConfig::from_json_str(
+            r#"{"eos_token_id": [1, 100]}"#,
+            Path::new("generation_config.json"),
+            &kobart(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("field `eos_token_id`"), "{err}");
     }
 
     #[test]
