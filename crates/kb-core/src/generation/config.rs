@@ -214,7 +214,8 @@ impl GenerationConfig {
     /// The decoder length limit in effect (counting the start token).
     pub fn effective_max_length(&self) -> usize {
         match self.max_new_tokens {
-            Some(n) => n + 1,
+            // `usize::MAX` new tokens is no limit (generation refuses it beyond the positions).
+            Some(n) => n.saturating_add(1),
             None => self.max_length,
         }
     }
@@ -339,6 +340,19 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("field `eos_token_id`"), "{err}");
+    }
+
+    /// Found by tests/fuzz_parsers.rs: `max_new_tokens` usize::MAX overflowed computing the
+    /// length limit (`max_new_tokens + 1`) while validating the file.
+    #[test]
+    fn the_largest_max_new_tokens_does_not_overflow() {
+        let g = GenerationConfig::from_json_str(
+            &format!(r#"{{"max_new_tokens": {}}}"#, usize::MAX),
+            Path::new("generation_config.json"),
+            &kobart(),
+        )
+        .unwrap();
+        assert_eq!(g.effective_max_length(), usize::MAX);
     }
 
     #[test]
