@@ -279,6 +279,8 @@ impl BartConfig {
             ("decoder_ffn_dim", self.decoder_ffn_dim),
             ("encoder_attention_heads", self.encoder_attention_heads),
             ("decoder_attention_heads", self.decoder_attention_heads),
+            // Decoding keeps its state per decoder layer; a decoder without layers has none.
+            ("decoder_layers", self.decoder_layers),
         ] {
             if v == 0 {
                 return Err(bad(field, "must be greater than 0".into()));
@@ -601,6 +603,17 @@ mod tests {
             .to_string();
         assert!(
             err.starts_with("config.json: field `pad_token_id`: ") && err.contains("vocab_size 3"),
+            "{err}"
+        );
+    }
+
+    /// Found by tests/fuzz_parsers.rs: `decoder_layers` 0 was accepted, the fixture model then
+    /// loaded (its layers unused) and generation panicked indexing the first layer's cache.
+    #[test]
+    fn a_decoder_needs_a_layer() {
+        let err = parse(r#"{"decoder_layers": 0}"#).unwrap_err().to_string();
+        assert!(
+            err.starts_with("config.json: field `decoder_layers`: "),
             "{err}"
         );
     }
