@@ -376,7 +376,7 @@ impl<'a, C: Collective> Worker<'a, C> {
                 p.batches_done(self.state.batches_done);
             }
             let end_of_step =
-                (batch_index + 1) % accumulate == 0 || self.state.batches_done == plan_len;
+                (batch_index + 1).is_multiple_of(accumulate) || self.state.batches_done == plan_len;
             if !end_of_step {
                 continue;
             }
