@@ -117,7 +117,7 @@ impl GenerationConfig {
                 message: format!("{v} is not true, false or \"never\""),
             })?,
         };
-        Ok(Self {
+        let out = Self {
             num_beams: cfg.num_beams.unwrap_or(1),
             max_length: cfg.max_length.unwrap_or(20),
             max_new_tokens: None,
@@ -131,7 +131,13 @@ impl GenerationConfig {
             eos_token_ids: cfg.eos_ids(),
             pad_token_id: cfg.pad_token_id,
             grounding: None,
-        })
+        };
+        out.validate().map_err(|(field, message)| Error::Config {
+            path: "config.json".into(),
+            field: field.into(),
+            message,
+        })?;
+        Ok(out)
     }
 
     /// The folder's `generation_config.json` if it has one (transformers then ignores the
@@ -288,6 +294,27 @@ mod tests {
         assert_eq!(g.eos_token_ids, vec![1]);
         assert_eq!(g.forced_eos_token_id, Some(1));
         assert_eq!(g.early_stopping, EarlyStopping::Heuristic);
+    }
+
+    /// Found by tests/fuzz_parsers.rs: settings taken from config.json (a folder without
+    /// generation_config.json) were not validated, so `max_length` 0 or an empty `eos_token_id`
+    /// list loaded and only failed at the first generation.
+    #[test]
+    fn model_config_settings_are_validated() {
+        for (json, field) in [
+            (r#"{"max_length": 1}"#, "max_length"),
+            (r#"{"num_beams": 0}"#, "num_beams"),
+            (r#"{"eos_token_id": []}"#, "eos_token_id"),
+        ] {
+            let cfg = BartConfig::from_json_str(json, Path::new("config.json")).unwrap();
+            let err = GenerationConfig::from_model_config(&cfg)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("config.json: field `{field}`: ")),
+                "{json}: {err}"
+            );
+        }
     }
 
     #[test]
