@@ -250,11 +250,7 @@ impl BartConfig {
 
     /// Parses and validates `config.json` text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let cfg: BartConfig = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            field: field_of_serde_error(&e),
-            message: e.to_string(),
-        })?;
+        let cfg: BartConfig = parse_json(text, path)?;
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -298,6 +294,8 @@ impl BartConfig {
             ("decoder_ffn_dim", self.decoder_ffn_dim),
             ("encoder_attention_heads", self.encoder_attention_heads),
             ("decoder_attention_heads", self.decoder_attention_heads),
+            // Decoding keeps its state per decoder layer; a decoder without layers has none.
+            ("decoder_layers", self.decoder_layers),
         ] {
             if v == 0 {
                 return Err((field, "must be greater than 0".into()));
@@ -350,6 +348,19 @@ impl BartConfig {
                 ),
             ));
         }
+        if self
+            .max_position_embeddings
+            .checked_add(self.extra_pos_embeddings)
+            .is_none()
+        {
+            return Err((
+                "max_position_embeddings",
+                format!(
+                    "{} is too large (the position table has {} more rows)",
+                    self.max_position_embeddings, self.extra_pos_embeddings
+                ),
+            ));
+        }
         let unsupported = [
             (
                 "static_position_embeddings",
@@ -390,7 +401,7 @@ impl BartConfig {
             if id as usize >= vocab {
                 return Err((
                     field,
-                    format!("id {id} is outside the vocabulary of {vocab}"),
+                    format!("id {id} is outside the vocabulary (vocab_size {vocab})"),
                 ));
             }
         }
@@ -477,15 +488,35 @@ impl BartConfig {
     }
 }
 
-/// Best-effort extraction of the field name from a serde error message.
-fn field_of_serde_error(e: &serde_json::Error) -> String {
-    let msg = e.to_string();
-    if let Some(start) = msg.find('`') {
-        if let Some(len) = msg[start + 1..].find('`') {
-            return msg[start + 1..start + 1 + len].to_string();
-        }
-    }
-    "-".into()
+/// Deserializes a JSON config file's `text`; an error names `path` and the top-level field it
+/// is about (where serde was when it failed, or the field a `duplicate field` error quotes), or
+/// `-` when it concerns the whole text (not JSON, not an object).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let error = |field: String, message: String| Error::Config {
+        path: path.to_path_buf(),
+        field,
+        message,
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = match e.path().iter().next() {
+            // Text that is not JSON is about no field, wherever the parser stopped.
+            _ if !e.inner().is_data() => "-".into(),
+            Some(serde_path_to_error::Segment::Map { key }) => key.clone(),
+            _ => quoted_field(&e.inner().to_string()).unwrap_or_else(|| "-".into()),
+        };
+        error(field, e.into_inner().to_string())
+    })?;
+    de.end().map_err(|e| error("-".into(), e.to_string()))?;
+    Ok(value)
+}
+
+/// The field a serde message about the object itself quotes (`duplicate field `x``).
+fn quoted_field(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("duplicate field `")
+        .or_else(|| message.strip_prefix("missing field `"))?;
+    rest.split_once('`').map(|(field, _)| field.to_string())
 }
 
 #[cfg(test)]
@@ -526,9 +557,89 @@ mod tests {
     #[test]
     fn wrong_type_names_the_field() {
         let err = parse(r#"{"d_model": "wide"}"#).unwrap_err().to_string();
-        assert!(err.contains("config.json"), "{err}");
         assert!(
-            err.contains("d_model") || err.contains("invalid type"),
+            err.starts_with("config.json: field `d_model`: invalid type"),
+            "{err}"
+        );
+    }
+
+    /// Found by tests/fuzz_parsers.rs: the field was taken from the first backquoted word of
+    /// serde's message, which for a bad number is the value (`field `-1``).
+    #[test]
+    fn errors_name_the_field_not_the_value() {
+        for (json, field) in [
+            (r#"{"d_model": -1}"#, "d_model"),
+            (r#"{"max_length": 0.0}"#, "max_length"),
+            (r#"{"vocab_size": 10, "model_type": 5}"#, "model_type"),
+            (r#"{"eos_token_id": [1, -1]}"#, "eos_token_id"),
+            (r#"{"d_model": 64, "d_model": 64}"#, "d_model"),
+        ] {
+            let err = parse(json).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("config.json: field `{field}`: ")),
+                "{json}: {err}"
+            );
+        }
+        // Text that is not JSON names no field, even when it stops inside one (`{"": ` named
+        // the field ``).
+        for json in [
+            "",
+            "{} x",
+            "{\"d_model\": 1",
+            "{\"\": ",
+            "{\"d_model\": 6x}",
+        ] {
+            let err = parse(json).unwrap_err().to_string();
+            assert!(err.starts_with("config.json: field `-`: "), "{json}: {err}");
+        }
+        let err = parse("[1]").unwrap_err().to_string();
+        assert!(err.starts_with("config.json: field `-`: "), "{err}");
+    }
+
+    /// Found by tests/fuzz_parsers.rs: `usize::MAX` positions were accepted, and computing the
+    /// position table's rows (`max_position_embeddings + 2`) when loading the model overflowed.
+    #[test]
+    fn positions_whose_table_cannot_exist_are_refused() {
+        let err = parse(&format!(r#"{{"max_position_embeddings": {}}}"#, usize::MAX))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config.json: field `max_position_embeddings`: "),
+            "{err}"
+        );
+        let c = parse(&format!(
+            r#"{{"max_position_embeddings": {}}}"#,
+            usize::MAX - 2
+        ))
+        .unwrap();
+        assert_eq!(c.position_table_rows(), usize::MAX);
+    }
+
+    /// Found by tests/fuzz_parsers.rs: the vocabulary size was cut to 32 bits before token ids
+    /// were compared with it, so `vocab_size` 2^32 refused every id ("outside the vocabulary of
+    /// 0") and 2^32 + 1 accepted only id 0.
+    #[test]
+    fn token_ids_are_checked_against_the_whole_vocabulary_size() {
+        for vocab in [1u64 << 32, (1 << 32) + 1, u64::MAX] {
+            let c = parse(&format!(r#"{{"vocab_size": {vocab}, "pad_token_id": 3}}"#)).unwrap();
+            assert_eq!(c.vocab_size as u64, vocab);
+        }
+        let err = parse(r#"{"vocab_size": 3, "pad_token_id": 3}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config.json: field `pad_token_id`: ") && err.contains("vocab_size 3"),
+            "{err}"
+        );
+    }
+
+    /// Found by tests/fuzz_parsers.rs: `decoder_layers` 0 was accepted, the fixture model then
+    /// loaded (its layers unused) and generation panicked indexing the first layer's cache.
+    #[test]
+    fn a_decoder_needs_a_layer() {
+        let err = parse(r#"{"decoder_layers": 0}"#).unwrap_err().to_string();
+        assert!(
+            err.starts_with("config.json: field `decoder_layers`: "),
             "{err}"
         );
     }

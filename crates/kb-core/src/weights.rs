@@ -305,7 +305,13 @@ pub fn check_tensors(
     for twin in &twins {
         found.remove(*twin);
     }
-    if !found.contains_key("final_logits_bias") {
+    // Zeros of `vocab_size` only for an embedding of that many rows: `vocab_size` is what the
+    // config says, and a wrong (say, astronomical) one is reported below as the embedding's
+    // shape, not allocated.
+    let shared_rows = found
+        .get("model.shared.weight")
+        .and_then(|t| t.dims().first().copied());
+    if !found.contains_key("final_logits_bias") && shared_rows == Some(cfg.vocab_size) {
         found.insert(
             "final_logits_bias".into(),
             Tensor::zeros((1, cfg.vocab_size), DType::F32, &Device::Cpu)?,

@@ -112,6 +112,38 @@ fn allowed_tokens_follow_spans_separators_and_terms() {
     assert!(after("").contains(&eos), "an empty answer stays possible");
 }
 
+/// Found by tests/fuzz_parsers.rs: building the constraint stored every prefix of every
+/// derived term, memory quadratic in a term's length (a 100,000-character term: about 15 GB).
+/// Terms sharing prefixes still continue and end where they should.
+#[test]
+fn long_and_overlapping_derived_terms() {
+    let model = model();
+    let tok = &model.tokenizer;
+    let long: String = "가능".chars().cycle().take(100_000).collect();
+    let derived = DerivedTerms {
+        terms: [long.as_str(), "가능 여부", "가능", "필요 여부"]
+            .iter()
+            .map(|t| (t.to_string(), 1))
+            .collect(),
+    };
+    let g = Grounding::new(tok, &derived);
+    let input = g.input_text(&tok.encode("이사화물 통관").unwrap());
+    let accepts = |text: &str| -> bool {
+        let ids = tok.encode(text).unwrap();
+        (0..ids.len()).all(|i| g.allowed(&input, &ids[..i]).contains(&ids[i]))
+    };
+    let eos = tok.special().eos[0];
+    let after = |text: &str| g.allowed(&input, &tok.encode(text).unwrap());
+    assert!(accepts("가능 여부, 가능, 필요 여부, 가능가능가능"));
+    assert!(after("가능").contains(&eos), "가능 is a whole term");
+    assert!(
+        !after("가능가능").contains(&eos),
+        "a prefix of the long term only"
+    );
+    assert!(!after("필요").contains(&eos), "a prefix of 필요 여부 only");
+    assert!(!accepts("필요 가능"), "no term starts 필요가능");
+}
+
 #[test]
 fn derived_terms_come_from_labels_and_round_trip() {
     let rows: Vec<(String, Vec<String>)> = vec![

@@ -40,6 +40,31 @@ fn missing_tensor_is_named() {
     assert!(err.contains("model.safetensors"), "{err}");
 }
 
+/// Found by tests/fuzz_parsers.rs: with no `final_logits_bias` in the checkpoint, loading
+/// allocated zeros of config.json's `vocab_size` before checking any shape, so a huge
+/// `vocab_size` panicked (capacity overflow) or aborted (out of memory).
+#[test]
+fn a_vocab_size_the_checkpoint_lacks_is_a_shape_error_without_a_bias() {
+    for vocab_size in [u64::MAX, 1 << 40] {
+        let dir = copy_fixture("tiny-kobart", |f| f == "pytorch_model.bin");
+        rewrite_safetensors(dir.path(), |t| {
+            t.remove("final_logits_bias");
+        });
+        let config = dir.path().join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        cfg["vocab_size"] = vocab_size.into();
+        std::fs::write(&config, cfg.to_string()).unwrap();
+        let err = load_err(dir.path());
+        assert!(
+            err.contains(&format!(
+                "model.shared.weight: expected shape [{vocab_size}, 64], found [694, 64]"
+            )),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn wrong_shape_is_named_with_both_shapes() {
     let dir = copy_fixture("tiny-kobart", |f| f == "pytorch_model.bin");

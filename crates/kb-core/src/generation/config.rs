@@ -117,7 +117,7 @@ impl GenerationConfig {
                 message: format!("{v} is not true, false or \"never\""),
             })?,
         };
-        Ok(Self {
+        let out = Self {
             num_beams: cfg.num_beams.unwrap_or(1),
             max_length: cfg.max_length.unwrap_or(20),
             max_new_tokens: None,
@@ -131,7 +131,13 @@ impl GenerationConfig {
             eos_token_ids: cfg.eos_ids(),
             pad_token_id: cfg.pad_token_id,
             grounding: None,
-        })
+        };
+        out.validate().map_err(|(field, message)| Error::Config {
+            path: "config.json".into(),
+            field: field.into(),
+            message,
+        })?;
+        Ok(out)
     }
 
     /// The folder's `generation_config.json` if it has one (transformers then ignores the
@@ -147,11 +153,7 @@ impl GenerationConfig {
 
     /// Parses `generation_config.json` text; missing token ids fall back to `cfg`.
     pub fn from_json_str(text: &str, path: &Path, cfg: &BartConfig) -> Result<Self> {
-        let raw: RawGenerationConfig = serde_json::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            field: "-".into(),
-            message: e.to_string(),
-        })?;
+        let raw: RawGenerationConfig = crate::config::parse_json(text, path)?;
         if raw.do_sample == Some(true) {
             return Err(Error::Config {
                 path: path.to_path_buf(),
@@ -191,13 +193,35 @@ impl GenerationConfig {
             field: m.0.into(),
             message: m.1,
         })?;
+        let ids = [
+            ("decoder_start_token_id", Some(out.decoder_start_token_id)),
+            ("pad_token_id", out.pad_token_id),
+            ("forced_eos_token_id", out.forced_eos_token_id),
+            ("forced_bos_token_id", out.forced_bos_token_id),
+        ]
+        .into_iter()
+        .filter_map(|(field, id)| id.map(|id| (field, id)))
+        .chain(out.eos_token_ids.iter().map(|&id| ("eos_token_id", id)));
+        for (field, id) in ids {
+            if id as usize >= cfg.vocab_size {
+                return Err(Error::Config {
+                    path: path.to_path_buf(),
+                    field: field.into(),
+                    message: format!(
+                        "id {id} is outside the model's vocabulary (config.json's vocab_size {})",
+                        cfg.vocab_size
+                    ),
+                });
+            }
+        }
         Ok(out)
     }
 
     /// The decoder length limit in effect (counting the start token).
     pub fn effective_max_length(&self) -> usize {
         match self.max_new_tokens {
-            Some(n) => n + 1,
+            // `usize::MAX` new tokens is no limit (generation refuses it beyond the positions).
+            Some(n) => n.saturating_add(1),
             None => self.max_length,
         }
     }
@@ -272,6 +296,27 @@ mod tests {
         assert_eq!(g.early_stopping, EarlyStopping::Heuristic);
     }
 
+    /// Found by tests/fuzz_parsers.rs: settings taken from config.json (a folder without
+    /// generation_config.json) were not validated, so `max_length` 0 or an empty `eos_token_id`
+    /// list loaded and only failed at the first generation.
+    #[test]
+    fn model_config_settings_are_validated() {
+        for (json, field) in [
+            (r#"{"max_length": 1}"#, "max_length"),
+            (r#"{"num_beams": 0}"#, "num_beams"),
+            (r#"{"eos_token_id": []}"#, "eos_token_id"),
+        ] {
+            let cfg = BartConfig::from_json_str(json, Path::new("config.json")).unwrap();
+            let err = GenerationConfig::from_model_config(&cfg)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with(&format!("config.json: field `{field}`: ")),
+                "{json}: {err}"
+            );
+        }
+    }
+
     #[test]
     fn generation_file_overrides_and_falls_back() {
         let g = GenerationConfig::from_json_str(
@@ -288,6 +333,53 @@ mod tests {
             g.forced_eos_token_id, None,
             "the file, not config.json, decides"
         );
+    }
+
+    /// Found by tests/fuzz_parsers.rs: token ids outside the model's vocabulary were accepted
+    /// (an eos the model can never produce, a forced token that forces nothing).
+    #[test]
+    fn token_ids_must_be_in_the_vocabulary() {
+        for field in [
+            "eos_token_id",
+            "pad_token_id",
+            "decoder_start_token_id",
+            "forced_eos_token_id",
+            "forced_bos_token_id",
+        ] {
+            let path = Path::new("generation_config.json");
+            let err =
+                GenerationConfig::from_json_str(&format!(r#"{{"{field}": 100}}"#), path, &kobart())
+                    .unwrap_err()
+                    .to_string();
+            assert!(
+                err.starts_with(&format!("generation_config.json: field `{field}`: "))
+                    && err.contains("vocab_size 100"),
+                "{err}"
+            );
+            GenerationConfig::from_json_str(&format!(r#"{{"{field}": 99}}"#), path, &kobart())
+                .unwrap();
+        }
+        let err = GenerationConfig::from_json_str(
+            r#"{"eos_token_id": [1, 100]}"#,
+            Path::new("generation_config.json"),
+            &kobart(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("field `eos_token_id`"), "{err}");
+    }
+
+    /// Found by tests/fuzz_parsers.rs: `max_new_tokens` usize::MAX overflowed computing the
+    /// length limit (`max_new_tokens + 1`) while validating the file.
+    #[test]
+    fn the_largest_max_new_tokens_does_not_overflow() {
+        let g = GenerationConfig::from_json_str(
+            &format!(r#"{{"max_new_tokens": {}}}"#, usize::MAX),
+            Path::new("generation_config.json"),
+            &kobart(),
+        )
+        .unwrap();
+        assert_eq!(g.effective_max_length(), usize::MAX);
     }
 
     #[test]

@@ -135,8 +135,10 @@ pub struct Grounding {
     blank: Vec<u32>,
     /// Squashed derived terms.
     terms: HashSet<String>,
-    /// Every non-empty prefix of a squashed derived term.
-    term_prefixes: HashSet<String>,
+    /// The squashed derived terms, sorted: those starting with a given text follow it directly
+    /// ([`Grounding::is_term_prefix`]). Storing every prefix instead took memory quadratic in a
+    /// term's length (a 30,000-character line of a terms file: 1.3 GB).
+    sorted_terms: Vec<String>,
     /// End-of-sequence tokens.
     eos: Vec<u32>,
 }
@@ -177,18 +179,14 @@ impl Grounding {
             .map(|(t, _)| squash(t))
             .filter(|t| !t.is_empty())
             .collect();
-        let mut term_prefixes = HashSet::new();
-        for t in &terms {
-            for (i, c) in t.char_indices() {
-                term_prefixes.insert(t[..i + c.len_utf8()].to_string());
-            }
-        }
+        let mut sorted_terms: Vec<String> = terms.iter().cloned().collect();
+        sorted_terms.sort_unstable();
         Self {
             pieces,
             by_first_char,
             blank,
             terms,
-            term_prefixes,
+            sorted_terms,
             eos: tokenizer.special().eos.clone(),
         }
     }
@@ -271,6 +269,14 @@ impl Grounding {
         out
     }
 
+    /// Whether `text` begins a derived term: the first term not sorting before it starts with it.
+    fn is_term_prefix(&self, text: &str) -> bool {
+        let at = self.sorted_terms.partition_point(|t| t.as_str() < text);
+        self.sorted_terms
+            .get(at)
+            .is_some_and(|t| t.starts_with(text))
+    }
+
     /// The state after `generated`, or `None` if it is not grounded.
     fn state_after(&self, input: &str, generated: &[u32]) -> Option<State> {
         let mut state = State::default();
@@ -296,9 +302,7 @@ impl Grounding {
                 next.after_separator = true;
             } else {
                 next.partial.push(c);
-                if !(input.contains(next.partial.as_str())
-                    || self.term_prefixes.contains(&next.partial))
-                {
+                if !(input.contains(next.partial.as_str()) || self.is_term_prefix(&next.partial)) {
                     return None;
                 }
             }

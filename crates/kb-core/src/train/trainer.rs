@@ -47,14 +47,15 @@ pub struct TrainOutcome {
 }
 
 /// The generation defaults shipped with trained models: the original server's beam 5, ending at
-/// the model's eos, within the model's positions.
-pub fn serving_generation_config(cfg: &crate::BartConfig) -> GenerationConfig {
-    let mut g = GenerationConfig::from_model_config(cfg).expect("config already validated");
+/// the model's eos, within the model's positions. An error when config.json's own generation
+/// fields are invalid (`early_stopping` 5, `eos_token_id` []), naming the field.
+pub fn serving_generation_config(cfg: &crate::BartConfig) -> Result<GenerationConfig> {
+    let mut g = GenerationConfig::from_model_config(cfg)?;
     g.num_beams = 5;
     g.max_length = 512.min(cfg.max_position_embeddings);
     g.early_stopping = EarlyStopping::Heuristic;
     g.forced_eos_token_id = cfg.forced_eos_token_id.or(Some(g.eos_token_ids[0]));
-    g
+    Ok(g)
 }
 
 /// Fails early, with what to do, when the build or machine cannot run `settings`.
@@ -117,7 +118,7 @@ fn fresh_setup(settings: &TrainSettings, train: &Dataset) -> Result<Setup> {
             (cfg, tensors, tokenizer, config_json)
         }
     };
-    let generation = serving_generation_config(&config);
+    let generation = serving_generation_config(&config)?;
     Ok(Setup {
         config,
         tensors,
