@@ -225,47 +225,109 @@ print(tok.decode(model.generate(ids)[0], skip_special_tokens=True))  # beam 5 fr
 /// an existing destination as it was; the error names the folder and the file.
 pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
     let ck = &opts.checkpoint;
+    let out = &opts.output_dir;
     check_checkpoint_dir(ck)?;
-    if !matches!(opts.dtype, DType::F32 | DType::F16 | DType::BF16) {
+    check_export_dtype(opts.dtype)?;
+    check_destination(out, opts.force)?;
+
+    let mut model = read_model_files(ck)?;
+    let settings = read_settings(ck)?;
+    if let Some(h) = &opts.hparams {
+        check_hparams(h, &settings)?;
+    }
+    let state = read_trainer_state(ck)?;
+    let tensors = read_weights(ck, &model.config, opts.dtype)?;
+    let val_loss = checkpoint_val_loss(ck, &state);
+
+    let staging = Staging::next_to(out);
+    exported_config(&mut model.config_json, ck, opts.dtype)?;
+    let card = model_card(&settings, &state, val_loss, ck, opts.dtype);
+    let written = staging
+        .write(|tmp| write_files(tmp, ck, &model, &tensors, &card))
+        .and_then(|()| install_dir(&staging.tmp, out, &staging.old));
+    // On failure (a full or read-only disk) nothing is left: no temporary folder, and `out` as
+    // it was.
+    if let Err(e) = written {
+        staging.discard();
         return Err(Error::Invalid(format!(
-            "dtype {:?} is not supported for export (use f32, f16 or bf16)",
-            opts.dtype
+            "cannot export to {}: {e}",
+            out.display()
         )));
     }
-    let out = &opts.output_dir;
+    Ok(summary(out, tensors.len(), val_loss))
+}
+
+/// Refuses a dtype the exported weights cannot have.
+fn check_export_dtype(dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(Error::Invalid(format!(
+            "dtype {dtype:?} is not supported for export (use f32, f16 or bf16)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses a non-empty destination unless `force` is set.
+fn check_destination(out: &Path, force: bool) -> Result<()> {
     if out.exists() {
         let non_empty = std::fs::read_dir(out)
             .map_err(|e| Error::io(out, e))?
             .next()
             .is_some();
-        if non_empty && !opts.force {
+        if non_empty && !force {
             return Err(Error::Invalid(format!(
                 "{} exists and is not empty; pass --force to replace it",
                 out.display()
             )));
         }
     }
+    Ok(())
+}
 
-    let mut config_json = read_json(&ck.join("config.json"))?;
+/// The checkpoint's model files: `config.json` (as JSON, to be written back, and parsed), the generation settings
+/// and the tokenizer.
+struct ModelFiles {
+    config_json: serde_json::Value,
+    config: BartConfig,
+    generation: GenerationConfig,
+    tokenizer: KoTokenizer,
+}
+
+/// Reads and checks the checkpoint's model files.
+fn read_model_files(ck: &Path) -> Result<ModelFiles> {
+    let config_json = read_json(&ck.join("config.json"))?;
     let config = BartConfig::from_file(&ck.join("config.json"))?;
     let generation = GenerationConfig::from_model_dir(ck, &config)?;
     let tokenizer = KoTokenizer::from_model_dir(ck, &config)?;
+    Ok(ModelFiles {
+        config_json,
+        config,
+        generation,
+        tokenizer,
+    })
+}
+
+/// The training settings saved in the checkpoint's `hparams.json`.
+fn read_settings(ck: &Path) -> Result<TrainSettings> {
     let hparams = read_json(&ck.join("hparams.json"))?;
-    let settings: TrainSettings =
-        serde_json::from_value(hparams["settings"].clone()).map_err(|e| Error::Config {
-            path: ck.join("hparams.json"),
-            field: "settings".into(),
-            message: e.to_string(),
-        })?;
-    if let Some(h) = &opts.hparams {
-        check_hparams(h, &settings)?;
-    }
-    let state: TrainerState = serde_json::from_value(read_json(&ck.join("trainer_state.json"))?)
-        .map_err(|e| Error::Config {
-            path: ck.join("trainer_state.json"),
-            field: "-".into(),
-            message: e.to_string(),
-        })?;
+    serde_json::from_value(hparams["settings"].clone()).map_err(|e| Error::Config {
+        path: ck.join("hparams.json"),
+        field: "settings".into(),
+        message: e.to_string(),
+    })
+}
+
+/// The checkpoint's `trainer_state.json`.
+fn read_trainer_state(ck: &Path) -> Result<TrainerState> {
+    serde_json::from_value(read_json(&ck.join("trainer_state.json"))?).map_err(|e| Error::Config {
+        path: ck.join("trainer_state.json"),
+        field: "-".into(),
+        message: e.to_string(),
+    })
+}
+
+/// The checkpoint's weights, checked against `config` and converted to `dtype`.
+fn read_weights(ck: &Path, config: &BartConfig, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let weights_path = ck.join("model.safetensors");
     let raw = candle_core::safetensors::load(&weights_path, &Device::Cpu).map_err(|e| {
         Error::Weights(format!(
@@ -275,27 +337,23 @@ pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
     })?;
     let (tensors, _) = check_tensors(
         raw.into_iter().collect(),
-        &config,
-        opts.dtype,
+        config,
+        dtype,
         &Device::Cpu,
         &weights_path.display().to_string(),
     )?;
-    let val_loss = ck
-        .file_name()
+    Ok(tensors)
+}
+
+/// The validation loss in the checkpoint's folder name, or else the one in its trainer state.
+fn checkpoint_val_loss(ck: &Path, state: &TrainerState) -> Option<f64> {
+    ck.file_name()
         .and_then(|n| val_loss_of_name(&n.to_string_lossy()))
-        .or(state.val_loss);
+        .or(state.val_loss)
+}
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "export".into());
-    let tmp = parent.join(format!(".tmp-export-{name}-{}", std::process::id()));
-    let old = parent.join(format!(".old-export-{name}-{}", std::process::id()));
-
+/// Makes the checkpoint's `config.json` what transformers writes for `dtype`.
+fn exported_config(config_json: &mut serde_json::Value, ck: &Path, dtype: DType) -> Result<()> {
     let obj = config_json.as_object_mut().ok_or_else(|| Error::Config {
         path: ck.join("config.json"),
         field: "-".into(),
@@ -305,96 +363,155 @@ pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
         "architectures".into(),
         serde_json::json!(["BartForConditionalGeneration"]),
     );
-    obj.insert("dtype".into(), torch_dtype_name(opts.dtype).into());
+    obj.insert("dtype".into(), torch_dtype_name(dtype).into());
     obj.remove("torch_dtype");
     obj.entry("model_type").or_insert("bart".into());
-    let ordered: HashMap<String, Tensor> = tensors;
-    let count = ordered.len();
-    let write_files = || -> Result<()> {
+    Ok(())
+}
+
+/// Where an export is written before it is put in place: `tmp` and `old`, named after the
+/// destination and this process, in the destination's parent folder.
+struct Staging {
+    parent: PathBuf,
+    tmp: PathBuf,
+    old: PathBuf,
+}
+
+impl Staging {
+    fn next_to(out: &Path) -> Self {
+        let parent = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| "export".into());
+        Staging {
+            tmp: parent.join(format!(".tmp-export-{name}-{}", std::process::id())),
+            old: parent.join(format!(".old-export-{name}-{}", std::process::id())),
+            parent: parent.to_path_buf(),
+        }
+    }
+
+    /// Creates `tmp` afresh (and the parent folder) and fills it with `fill`.
+    fn write(&self, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+        let (parent, tmp) = (&self.parent, &self.tmp);
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            std::fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        write_json(&tmp.join("config.json"), &config_json)?;
-        write_json(&tmp.join("generation_config.json"), &generation.to_json())?;
-        save_safetensors(&ordered, &tmp.join("model.safetensors"))?;
-        tokenizer.save(&tmp)?;
-        // The derived terms of grounded decoding travel with the model (checkpoints written before
-        // they existed have none).
-        let terms = ck.join(crate::pipeline::DERIVED_TERMS_FILE);
-        if terms.is_file() {
-            let dest = tmp.join(crate::pipeline::DERIVED_TERMS_FILE);
-            std::fs::copy(&terms, &dest).map_err(|e| Error::io(&dest, e))?;
-        }
-        let token = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i));
-        let sp = tokenizer.special();
-        let mut special = serde_json::Map::new();
-        for (key, tok) in [
-            ("bos_token", token(sp.bos)),
-            ("eos_token", token(Some(sp.eos[0]))),
-            ("unk_token", token(sp.unk)),
-            ("pad_token", token(Some(sp.pad))),
-            (
-                "mask_token",
-                tokenizer
-                    .inner()
-                    .token_to_id("<mask>")
-                    .and_then(|i| tokenizer.inner().id_to_token(i)),
-            ),
-        ] {
-            if let Some(t) = tok {
-                special.insert(key.into(), t.into());
-            }
-        }
-        write_json(
-            &tmp.join("special_tokens_map.json"),
-            &serde_json::Value::Object(special.clone()),
-        )?;
-        let mut tc = special;
-        tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
-        tc.insert(
-            "model_max_length".into(),
-            config.max_position_embeddings.into(),
-        );
-        tc.insert("clean_up_tokenization_spaces".into(), false.into());
-        write_json(
-            &tmp.join("tokenizer_config.json"),
-            &serde_json::Value::Object(tc),
-        )?;
-        std::fs::write(
-            tmp.join("README.md"),
-            model_card(&settings, &state, val_loss, ck, opts.dtype),
-        )
-        .map_err(|e| Error::io(tmp.join("README.md"), e))?;
-        for f in EXPORTED_FILES {
-            let p = tmp.join(f);
-            if let Ok(file) = std::fs::File::open(&p) {
-                file.sync_all().map_err(|e| Error::io(&p, e))?;
-            }
-        }
-        Ok(())
-    };
-    // On failure (a full or read-only disk) nothing is left: no temporary folder, and `out` as
-    // it was.
-    if let Err(e) = write_files().and_then(|()| install_dir(&tmp, out, &old)) {
-        if tmp.exists() {
-            if let Err(r) = std::fs::remove_dir_all(&tmp) {
-                tracing::warn!("cannot remove {}: {r}", tmp.display());
-            }
-        }
-        return Err(Error::Invalid(format!(
-            "cannot export to {}: {e}",
-            out.display()
-        )));
+        std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
+        fill(tmp)
     }
+
+    /// Removes `tmp` after a failure; one that cannot be removed is only logged.
+    fn discard(&self) {
+        if self.tmp.exists() {
+            if let Err(r) = std::fs::remove_dir_all(&self.tmp) {
+                tracing::warn!("cannot remove {}: {r}", self.tmp.display());
+            }
+        }
+    }
+}
+
+/// Writes every exported file into `dir` and syncs them.
+fn write_files(
+    dir: &Path,
+    ck: &Path,
+    model: &ModelFiles,
+    tensors: &HashMap<String, Tensor>,
+    card: &str,
+) -> Result<()> {
+    write_json(&dir.join("config.json"), &model.config_json)?;
+    write_json(
+        &dir.join("generation_config.json"),
+        &model.generation.to_json(),
+    )?;
+    save_safetensors(tensors, &dir.join("model.safetensors"))?;
+    model.tokenizer.save(dir)?;
+    copy_derived_terms(ck, dir)?;
+    write_tokenizer_files(dir, &model.tokenizer, &model.config)?;
+    std::fs::write(dir.join("README.md"), card).map_err(|e| Error::io(dir.join("README.md"), e))?;
+    sync_files(dir)
+}
+
+/// The derived terms of grounded decoding travel with the model (checkpoints written before they
+/// existed have none).
+fn copy_derived_terms(ck: &Path, dir: &Path) -> Result<()> {
+    let terms = ck.join(crate::pipeline::DERIVED_TERMS_FILE);
+    if terms.is_file() {
+        let dest = dir.join(crate::pipeline::DERIVED_TERMS_FILE);
+        std::fs::copy(&terms, &dest).map_err(|e| Error::io(&dest, e))?;
+    }
+    Ok(())
+}
+
+/// `special_tokens_map.json` and `tokenizer_config.json`, as `PreTrainedTokenizerFast` reads them.
+fn write_tokenizer_files(dir: &Path, tokenizer: &KoTokenizer, config: &BartConfig) -> Result<()> {
+    let special = special_tokens_map(tokenizer);
+    write_json(
+        &dir.join("special_tokens_map.json"),
+        &serde_json::Value::Object(special.clone()),
+    )?;
+    let mut tc = special;
+    tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
+    tc.insert(
+        "model_max_length".into(),
+        config.max_position_embeddings.into(),
+    );
+    tc.insert("clean_up_tokenization_spaces".into(), false.into());
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::Value::Object(tc),
+    )
+}
+
+/// The special tokens the tokenizer has, by transformers' key.
+fn special_tokens_map(tokenizer: &KoTokenizer) -> serde_json::Map<String, serde_json::Value> {
+    let token = |id: Option<u32>| id.and_then(|i| tokenizer.inner().id_to_token(i));
+    let sp = tokenizer.special();
+    let mut special = serde_json::Map::new();
+    for (key, tok) in [
+        ("bos_token", token(sp.bos)),
+        ("eos_token", token(Some(sp.eos[0]))),
+        ("unk_token", token(sp.unk)),
+        ("pad_token", token(Some(sp.pad))),
+        (
+            "mask_token",
+            tokenizer
+                .inner()
+                .token_to_id("<mask>")
+                .and_then(|i| tokenizer.inner().id_to_token(i)),
+        ),
+    ] {
+        if let Some(t) = tok {
+            special.insert(key.into(), t.into());
+        }
+    }
+    special
+}
+
+/// Flushes the exported files to disk before the folder is put in place.
+fn sync_files(dir: &Path) -> Result<()> {
+    for f in EXPORTED_FILES {
+        let p = dir.join(f);
+        if let Ok(file) = std::fs::File::open(&p) {
+            file.sync_all().map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`export`] reports about the folder it put in place.
+fn summary(out: &Path, tensors: usize, val_loss: Option<f64>) -> ExportSummary {
     let weight_bytes = std::fs::metadata(out.join("model.safetensors"))
         .map(|m| m.len())
         .unwrap_or(0);
-    Ok(ExportSummary {
-        output_dir: out.clone(),
-        tensors: count,
+    ExportSummary {
+        output_dir: out.to_path_buf(),
+        tensors,
         weight_bytes,
         val_loss,
-    })
+    }
 }
