@@ -2,11 +2,12 @@
 
 use kb_core::candle_core::DType;
 use kb_core::generation::{DerivedTerms, EarlyStopping, GenerationConfig};
-use kb_core::{KeywordModel, DEFAULT_MODEL};
+use kb_core::{KeywordModel, LoadOptions, Quantization, DEFAULT_MODEL};
 
 use crate::at_least_one;
 
-/// Which model to load, in what dtype, on what device.
+/// Which model to load, in what dtype, on what device, with what weight quantization and
+/// key/value cache dtype.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
     /// Model folder (config.json, tokenizer.json, model.safetensors or pytorch_model.bin) or a
@@ -20,6 +21,21 @@ pub struct ModelArgs {
     /// Device: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, env = "KB_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// Weight quantization: none, or int8 (CPU only: every linear layer and the token
+    /// embedding / LM head as per-row int8 weights with 8-bit activations, a quarter of the
+    /// memory; layer norms, softmax and attention stay in floating point).
+    #[arg(long, env = "KB_QUANTIZE", default_value = "none", value_parser = parse_quantization)]
+    pub quantize: Quantization,
+    /// dtype the decoder's key/value caches are stored in: f32, f16 or bf16 (f16/bf16 halve
+    /// their memory; attention computes in the model's dtype). Default: the model's dtype.
+    #[arg(long = "kv_cache_dtype", alias = "kv-cache-dtype", env = "KB_KV_CACHE_DTYPE",
+          value_name = "DTYPE", value_parser = kb_core::parse_dtype)]
+    pub kv_cache_dtype: Option<DType>,
+}
+
+/// Parses `--quantize`.
+fn parse_quantization(s: &str) -> Result<Quantization, String> {
+    s.parse()
 }
 
 impl ModelArgs {
@@ -28,15 +44,44 @@ impl ModelArgs {
         self.model.as_deref().unwrap_or(DEFAULT_MODEL)
     }
 
+    /// How the model is loaded: dtype, quantization and cache dtype.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: self.dtype,
+            quantization: self.quantize,
+            kv_cache_dtype: self.kv_cache_dtype,
+        }
+    }
+
     /// Loads the model; what loading had to fill in or ignore is logged as a warning.
     pub fn load(&self) -> kb_core::Result<KeywordModel> {
         let device = kb_core::parse_device(&self.device)?;
-        let model = KeywordModel::load(self.spec(), self.dtype, &device)?;
+        let options = self.load_options();
+        let model = KeywordModel::load_with(self.spec(), &options, &device)?;
         let note = model.report.summary();
         if !note.is_empty() {
             tracing::warn!("{note}");
         }
+        log_storage(&model);
         Ok(model)
+    }
+}
+
+/// Logs how the model's weights and cache are stored (at debug level unless quantized or the
+/// cache is not in the model's dtype).
+pub fn log_storage(model: &KeywordModel) {
+    let m = &model.model;
+    let mib = m.matrix_bytes() as f64 / (1 << 20) as f64;
+    let (quantization, cache) = (m.quantization(), m.kv_cache_dtype());
+    if quantization != Quantization::None || cache != m.dtype() {
+        tracing::info!(
+            %quantization,
+            kv_cache_dtype = ?cache,
+            weight_matrices_mib = format!("{mib:.1}"),
+            "model storage"
+        );
+    } else {
+        tracing::debug!(weight_matrices_mib = format!("{mib:.1}"), "model storage");
     }
 }
 
@@ -191,6 +236,33 @@ mod tests {
         assert_eq!(gen.max_new_tokens, Some(7));
         assert_eq!(gen.early_stopping, EarlyStopping::True);
         assert_eq!(gen.max_length, base.max_length);
+    }
+
+    #[test]
+    fn quantization_and_cache_flags() {
+        let t = Tool::try_parse_from(["t"]).unwrap();
+        assert_eq!(t.model.load_options(), LoadOptions::new(DType::F32));
+        let t = Tool::try_parse_from([
+            "t",
+            "--quantize",
+            "int8",
+            "--kv-cache-dtype",
+            "bf16",
+            "--dtype",
+            "f16",
+        ])
+        .unwrap();
+        let o = t.model.load_options();
+        assert_eq!(
+            (o.dtype, o.quantization, o.kv_cache_dtype),
+            (DType::F16, Quantization::Int8, Some(DType::BF16))
+        );
+        let t = Tool::try_parse_from(["t", "--kv_cache_dtype", "f16", "--quantize", "none"]);
+        assert_eq!(t.unwrap().model.kv_cache_dtype, Some(DType::F16));
+        for bad in [["t", "--quantize", "int4"], ["t", "--kv_cache_dtype", "f8"]] {
+            let e = Tool::try_parse_from(bad).err().unwrap().to_string();
+            assert!(e.contains(bad[1]), "{e}");
+        }
     }
 
     #[test]

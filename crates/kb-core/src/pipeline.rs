@@ -11,7 +11,7 @@ use crate::config::BartConfig;
 use crate::error::{Error, Result};
 use crate::generation::{generate, DerivedTerms, GenerationConfig, Grounding};
 use crate::keywords::split_keywords;
-use crate::model::Bart;
+use crate::model::{Bart, Quantization};
 use crate::source::ModelSource;
 use crate::tokenizer::KoTokenizer;
 use crate::weights::{load_checked, LoadReport, WeightFiles};
@@ -32,6 +32,53 @@ pub struct Extraction {
     pub ids: Vec<u32>,
     /// Beam search's length-normalised log-probability (`None` for greedy decoding).
     pub score: Option<f32>,
+}
+
+/// How a model is loaded for inference: [`KeywordModel::load_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The dtype the weights are loaded in and the network computes in (the checkpoint's own
+    /// dtype is converted).
+    pub dtype: DType,
+    /// How the weight matrices are stored ([`Quantization::Int8`]: CPU only, quantized from the
+    /// loaded values).
+    pub quantization: Quantization,
+    /// The dtype of the decoder's key/value caches (f32, f16 or bf16); `None`: `dtype`.
+    pub kv_cache_dtype: Option<DType>,
+}
+
+impl Default for LoadOptions {
+    /// f32, no quantization, the cache in f32.
+    fn default() -> Self {
+        Self::new(DType::F32)
+    }
+}
+
+impl LoadOptions {
+    /// `dtype`, no quantization, the cache in `dtype`: what [`KeywordModel::load`] does.
+    pub fn new(dtype: DType) -> Self {
+        Self {
+            dtype,
+            quantization: Quantization::None,
+            kv_cache_dtype: None,
+        }
+    }
+
+    /// Checks that the options can run on `device`: int8 runs on the CPU only, and a cache
+    /// holds f32, f16 or bf16.
+    pub fn check(&self, device: &Device) -> Result<()> {
+        if self.quantization == Quantization::Int8 && !device.is_cpu() {
+            return Err(crate::model::int8_device_error(device));
+        }
+        if let Some(dtype) = self.kv_cache_dtype {
+            if !crate::model::options::is_cache_dtype(dtype) {
+                return Err(Error::Invalid(format!(
+                    "a key/value cache cannot be stored in {dtype:?} (use f32, f16 or bf16)"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A model ready to extract keywords.
@@ -57,12 +104,25 @@ pub struct KeywordModel {
 impl KeywordModel {
     /// Resolves `spec` (folder or hub id) and loads everything from it.
     pub fn load(spec: &str, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(spec, &LoadOptions::new(dtype), device)
+    }
+
+    /// [`KeywordModel::load`] with `options` (quantization, key/value cache dtype).
+    pub fn load_with(spec: &str, options: &LoadOptions, device: &Device) -> Result<Self> {
+        options.check(device)?;
         let dir = ModelSource::parse(spec).resolve()?;
-        Self::load_dir(&dir, dtype, device)
+        Self::load_dir_with(&dir, options, device)
     }
 
     /// Loads a model folder.
     pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_dir_with(dir, &LoadOptions::new(dtype), device)
+    }
+
+    /// [`KeywordModel::load_dir`] with `options` (quantization, key/value cache dtype).
+    pub fn load_dir_with(dir: &Path, options: &LoadOptions, device: &Device) -> Result<Self> {
+        options.check(device)?;
+        let dtype = options.dtype;
         let config = BartConfig::from_file(&dir.join("config.json"))?;
         let generation = GenerationConfig::from_model_dir(dir, &config)?;
         let tokenizer = KoTokenizer::from_model_dir(dir, &config)?;
@@ -77,7 +137,8 @@ impl KeywordModel {
         let files = WeightFiles::find(dir)?;
         let (tensors, report) = load_checked(&files, &config, dtype, device)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
-        let model = Bart::load(&config, vb)?;
+        let mut model = Bart::load_quantized(&config, vb, options.quantization)?;
+        model.set_kv_cache_dtype(options.kv_cache_dtype)?;
         let terms_path = dir.join(DERIVED_TERMS_FILE);
         let derived_terms = if terms_path.is_file() {
             Some(DerivedTerms::read(&terms_path)?)

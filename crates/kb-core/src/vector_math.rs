@@ -227,6 +227,51 @@ pub fn axpy(out: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// `f32::from_bits(b << 16)`: a bf16 widened to f32 (exact), branch-free.
+#[inline(always)]
+fn bf16_to_f32_body(src: &[half::bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
+    }
+}
+
+dispatched! {
+    /// Widens `src` into `dst` (the same length), exactly.
+    pub fn bf16_to_f32_slice(src: &[half::bf16], dst: &mut [f32]) = bf16_to_f32_body;
+}
+
+/// f32 to bf16 rounded to nearest, ties to even (as `half::bf16::from_f32`: NaN stays a quiet
+/// NaN, values past the largest bf16 become ±∞), branch-free.
+#[inline(always)]
+fn f32_to_bf16_body(src: &[f32], dst: &mut [half::bf16]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        let x = s.to_bits();
+        let rounded = (x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16) as u16;
+        let quiet_nan = ((x >> 16) as u16) | 0x40;
+        let is_nan = x & 0x7fff_ffff > 0x7f80_0000;
+        *d = half::bf16::from_bits(if is_nan { quiet_nan } else { rounded });
+    }
+}
+
+dispatched! {
+    /// Rounds `src` into `dst` (the same length) as bf16.
+    pub fn f32_to_bf16_slice(src: &[f32], dst: &mut [half::bf16]) = f32_to_bf16_body;
+}
+
+/// Widens `src` into `dst` (the same length), exactly: F16C's `vcvtph2ps`, eight values at a
+/// time, where the CPU has it (the `half` crate checks at run time), else its software path.
+pub fn f16_to_f32_slice(src: &[half::f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    src.convert_to_f32_slice(dst);
+}
+
+/// Rounds `src` into `dst` (the same length) as f16, to nearest, ties to even: F16C's
+/// `vcvtps2ph`, eight values at a time, where the CPU has it, else `half`'s software path.
+pub fn f32_to_f16_slice(src: &[f32], dst: &mut [half::f16]) {
+    use half::slice::HalfFloatSliceExt;
+    dst.convert_from_f32_slice(src);
+}
+
 /// Layer-norm parameters of one normalised dimension.
 #[derive(Debug, Clone, Copy)]
 pub struct NormParams<'a> {
@@ -434,6 +479,55 @@ mod tests {
                 let want = (s[i] - mean) / (var + 1e-5).sqrt() * weight[i] as f64 + bias[i] as f64;
                 assert!((out[r * dim + i] as f64 - want).abs() < 2e-6);
             }
+        }
+    }
+
+    #[test]
+    fn half_conversions_match_half() {
+        let mut v: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.0173).collect();
+        v.extend([
+            0.0,
+            -0.0,
+            f32::MAX,
+            -f32::MAX,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffff_ffff),
+            f32::from_bits(0x3f80_8000), // a tie, to even (down)
+            f32::from_bits(0x3f81_8000), // a tie, to even (up)
+            1e-40,
+        ]);
+        let mut b = vec![half::bf16::ZERO; v.len()];
+        f32_to_bf16_slice(&v, &mut b);
+        let mut baseline = vec![half::bf16::ZERO; v.len()];
+        f32_to_bf16_body(&v, &mut baseline);
+        let mut h = vec![half::f16::ZERO; v.len()];
+        f32_to_f16_slice(&v, &mut h);
+        for (i, &x) in v.iter().enumerate() {
+            let want = half::bf16::from_f32(x);
+            assert_eq!(
+                b[i].to_bits(),
+                want.to_bits(),
+                "bf16 of {x} ({:#x})",
+                x.to_bits()
+            );
+            assert_eq!(baseline[i].to_bits(), want.to_bits());
+            let want = half::f16::from_f32(x);
+            assert!(
+                h[i].to_bits() == want.to_bits() || (h[i].is_nan() && want.is_nan()),
+                "f16 of {x}"
+            );
+        }
+        let mut wide = vec![0f32; v.len()];
+        bf16_to_f32_slice(&b, &mut wide);
+        for (w, b) in wide.iter().zip(&b) {
+            assert!(w.to_bits() == b.to_f32().to_bits() || (w.is_nan() && b.is_nan()));
+        }
+        f16_to_f32_slice(&h, &mut wide);
+        for (w, h) in wide.iter().zip(&h) {
+            assert!(w.to_bits() == h.to_f32().to_bits() || (w.is_nan() && h.is_nan()));
         }
     }
 }

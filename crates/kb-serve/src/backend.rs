@@ -14,7 +14,7 @@ use kb_core::candle_core::DType;
 use kb_core::generation::{DerivedTerms, Grounding};
 use kb_core::keywords::{join_keywords, split_keywords};
 use kb_core::synonyms::Synonyms;
-use kb_core::{GenerationConfig, KeywordModel, KoTokenizer};
+use kb_core::{GenerationConfig, KeywordModel, KoTokenizer, LoadOptions, Quantization};
 
 /// What the backend is started with: the model, its generation limits and the synonyms.
 #[derive(Debug, Clone)]
@@ -25,6 +25,10 @@ pub struct BackendOptions {
     pub dtype: DType,
     /// Device: `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Weight quantization (int8: CPU only).
+    pub quantization: Quantization,
+    /// dtype of the decoder's key/value caches (`None`: `dtype`).
+    pub kv_cache_dtype: Option<DType>,
     /// Beams used when a request does not ask for a number.
     pub num_beams: usize,
     /// Largest `num_beams` a request may ask for.
@@ -134,10 +138,18 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Loads `options.model` on `options.device` with `options.dtype`, and the synonyms file.
+    /// Loads `options.model` on `options.device` with `options.dtype`, its quantization and
+    /// cache dtype, and the synonyms file.
     pub fn load(options: &BackendOptions) -> Result<Self, BackendError> {
         let device = kb_core::parse_device(&options.device).map_err(BackendError::Device)?;
-        let model = KeywordModel::load(&options.model, options.dtype, &device).map_err(|e| {
+        let load = LoadOptions {
+            dtype: options.dtype,
+            quantization: options.quantization,
+            kv_cache_dtype: options.kv_cache_dtype,
+        };
+        // Refused before any weight is read (int8 on a GPU).
+        load.check(&device).map_err(BackendError::Device)?;
+        let model = KeywordModel::load_with(&options.model, &load, &device).map_err(|e| {
             BackendError::Load {
                 model: options.model.clone(),
                 source: e,
@@ -147,6 +159,12 @@ impl Backend {
         if !note.is_empty() {
             tracing::warn!("{note}");
         }
+        tracing::info!(
+            quantization = %model.model.quantization(),
+            kv_cache_dtype = ?model.model.kv_cache_dtype(),
+            weight_matrices_mib = format!("{:.1}", model.model.matrix_bytes() as f64 / 1048576.0),
+            "model storage"
+        );
         let base = model.generation.clone();
         let synonyms = options
             .synonyms

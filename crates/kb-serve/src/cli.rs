@@ -51,7 +51,8 @@ pub enum LogFormat {
             through the local cache (e.g. gogamza/kobart-base-v1)")),
 )]
 pub struct Args {
-    /// The model (--model, required), its dtype (--dtype) and device (--device).
+    /// The model (--model, required), its dtype (--dtype), device (--device), weight
+    /// quantization (--quantize) and key/value cache dtype (--kv_cache_dtype).
     #[command(flatten)]
     pub model: ModelArgs,
 
@@ -247,6 +248,8 @@ impl Args {
                 model: self.model.spec().to_string(),
                 dtype: self.model.dtype,
                 device: self.model.device.clone(),
+                quantization: self.model.quantize,
+                kv_cache_dtype: self.model.kv_cache_dtype,
                 num_beams: self.num_beams,
                 max_num_beams: self.max_num_beams,
                 max_length: self.max_length,
@@ -376,6 +379,8 @@ mod tests {
             "KB_HEADER_TIMEOUT_MS",
             "KB_DTYPE",
             "KB_DEVICE",
+            "KB_QUANTIZE",
+            "KB_KV_CACHE_DTYPE",
         ] {
             assert!(help.contains(var), "{var} missing from --help");
         }

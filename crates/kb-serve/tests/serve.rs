@@ -599,9 +599,16 @@ async fn options_come_from_environment_and_kebab_case_spellings() {
             ("KB_MAX_INPUT_TOKENS", "4"),
             ("KB_API_KEY", "env-key"),
             ("KB_LOG_FORMAT", "json"),
+            ("KB_QUANTIZE", "int8"),
+            ("KB_KV_CACHE_DTYPE", "f16"),
         ],
     )
     .await;
+    let logs = server.logs();
+    assert!(
+        logs.contains(r#""quantization":"int8""#) && logs.contains(r#""kv_cache_dtype":"F16""#),
+        "KB_QUANTIZE and KB_KV_CACHE_DTYPE apply: {logs}"
+    );
     let c = client();
     let post = |body: Value| {
         c.post(server.url("/v1/keywords"))

@@ -10,12 +10,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::kv_cache::SelfAttentionCache;
+use super::kv_cache::{to_cache_dtype, SelfAttentionCache};
 use super::layers::{
     additive_causal_mask, additive_padding_mask, dropout, matmul_weight_t, Attention, FeedForward,
     KeyValues, LayerNorm, Pass,
 };
+use super::options::{is_cache_dtype, Quantization};
 use super::packed::PackedWeight;
+use super::quantized::QuantizedWeight;
 use super::step_attention;
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
@@ -28,11 +30,26 @@ enum VocabMatrix {
     Dense(Tensor),
     /// Frozen f32 on the CPU, packed for the product kernel (lookups read rows from it).
     Packed(PackedWeight),
+    /// Frozen on the CPU, quantized to int8 (lookups read dequantized rows from it, converted
+    /// to `dtype`, the model's).
+    Quantized {
+        /// The matrix.
+        weight: QuantizedWeight,
+        /// The dtype rows are looked up in (the loaded matrix's).
+        dtype: DType,
+    },
 }
 
 impl VocabMatrix {
-    /// The packed form of a frozen f32 CPU matrix, or the matrix as it is.
-    fn for_inference(m: &Tensor) -> candle_core::Result<Self> {
+    /// The packed (or, with [`Quantization::Int8`], quantized) form of a frozen CPU matrix, or
+    /// the matrix as it is.
+    fn for_inference(m: &Tensor, quantization: Quantization) -> candle_core::Result<Self> {
+        if quantization == Quantization::Int8 && !m.is_variable() && m.device().is_cpu() {
+            return Ok(VocabMatrix::Quantized {
+                weight: QuantizedWeight::quantize(m)?,
+                dtype: m.dtype(),
+            });
+        }
         Ok(match PackedWeight::pack_frozen(m)? {
             Some(p) => VocabMatrix::Packed(p),
             None => VocabMatrix::Dense(m.clone()),
@@ -44,6 +61,16 @@ impl VocabMatrix {
         match self {
             VocabMatrix::Dense(m) => m.index_select(&ids.flatten_all()?, 0),
             VocabMatrix::Packed(p) => p.select_rows(ids),
+            VocabMatrix::Quantized { weight, dtype } => weight.select_rows(ids)?.to_dtype(*dtype),
+        }
+    }
+
+    /// Bytes of the matrix as stored.
+    fn bytes(&self) -> usize {
+        match self {
+            VocabMatrix::Dense(m) => m.elem_count() * m.dtype().size_in_bytes(),
+            VocabMatrix::Packed(p) => p.bytes(),
+            VocabMatrix::Quantized { weight, .. } => weight.bytes(),
         }
     }
 }
@@ -278,9 +305,11 @@ impl DecoderLayer {
                 cache.append(&new_kv)?;
                 let kv = cache.view()?.expect("the cache was just written");
                 if mask.is_none() && single_query_step(&input, pass)? {
+                    // The fused kernel reads an f16/bf16 cache as it is, converting inside.
                     self.self_attn
                         .attend_single_query_projected(&q, &kv, None, 1)?
                 } else {
+                    let kv = kv.to_dtype(q.dtype())?;
                     self.self_attn.attend_query(&q, &kv, mask, pass)?
                 }
             }
@@ -316,6 +345,8 @@ impl DecoderLayer {
             );
         }
         let encoder_mask = encoder_mask.additive.as_ref();
+        // A cache stored in another dtype than the model computes in (f16 or bf16 keys/values).
+        let cross_kv = &cross_kv.to_dtype(x.dtype())?;
         if group == 1 {
             return self.encoder_attn.attend(x, cross_kv, encoder_mask, pass);
         }
@@ -379,10 +410,25 @@ impl DecoderCache {
     /// Only affects layers that have not been written yet.
     pub fn reserve(&mut self, positions: usize) {
         for layer in &mut self.layers {
-            if layer.self_kv.is_empty() {
-                layer.self_kv = SelfAttentionCache::with_capacity(positions);
-            }
+            layer.self_kv.reserve(positions);
         }
+    }
+
+    /// The dtype the keys and values are stored in.
+    pub fn dtype(&self) -> DType {
+        self.layers
+            .first()
+            .map_or(DType::F32, |l| l.cross_kv.dtype())
+    }
+
+    /// Bytes held by the cached keys and values: every layer's cross-attention keys/values and
+    /// its self-attention buffers (their whole capacity).
+    pub fn bytes(&self) -> usize {
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        self.layers
+            .iter()
+            .map(|l| size(&l.cross_kv.keys) + size(&l.cross_kv.values) + l.self_kv.bytes())
+            .sum()
     }
 
     /// Keeps only the given encoder rows (positions in the current batch, in order) with their
@@ -479,19 +525,43 @@ pub struct Bart {
     /// `final_logits_bias` is a constant zero (transformers' default buffer, never trained):
     /// adding it would be a pass over every logit for nothing.
     logits_bias_is_zero: bool,
-    /// `final_logits_bias` as host values, for a packed LM head when it is not zero.
+    /// `final_logits_bias` as host values, for a packed or quantized LM head when it is not
+    /// zero.
     host_logits_bias: Option<Arc<[f32]>>,
     dtype: DType,
     device: Device,
+    /// How the weight matrices are stored.
+    quantization: Quantization,
+    /// The dtype decoder caches store keys and values in.
+    kv_cache_dtype: DType,
 }
 
 impl Bart {
     /// Builds the model from tensors named as transformers names them (see the module docs).
     pub fn load(config: &BartConfig, vb: VarBuilder) -> Result<Self> {
-        Self::load_inner(config, vb).map_err(|e| Error::Weights(e.to_string()))
+        Self::load_quantized(config, vb, Quantization::None)
     }
 
-    fn load_inner(cfg: &BartConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// [`Bart::load`] with the weight matrices of frozen tensors stored as `quantization` says
+    /// ([`Quantization::Int8`]: every linear layer and the token embedding / LM head quantized
+    /// from the loaded f32, f16 or bf16 values, which they replace). int8 runs on the CPU only:
+    /// on another device it is an error.
+    pub fn load_quantized(
+        config: &BartConfig,
+        vb: VarBuilder,
+        quantization: Quantization,
+    ) -> Result<Self> {
+        if quantization == Quantization::Int8 && !vb.device().is_cpu() {
+            return Err(int8_device_error(vb.device()));
+        }
+        Self::load_inner(config, vb, quantization).map_err(|e| Error::Weights(e.to_string()))
+    }
+
+    fn load_inner(
+        cfg: &BartConfig,
+        vb: VarBuilder,
+        quantization: Quantization,
+    ) -> candle_core::Result<Self> {
         let init = candle_nn::Init::Randn {
             mean: 0.0,
             stdev: cfg.init_std,
@@ -539,26 +609,26 @@ impl Bart {
         // as soon as its packed form replaces it (one matrix's worth of extra memory at a time).
         drop((vb, enc_vb, dec_vb));
         let lm_head = {
-            let tokens = VocabMatrix::for_inference(&shared)?;
+            let tokens = VocabMatrix::for_inference(&shared, quantization)?;
             encoder.embeddings.tokens = tokens.clone();
             decoder.embeddings.tokens = tokens.clone();
             if cfg.tie_word_embeddings {
                 tokens
             } else {
-                VocabMatrix::for_inference(&lm_head)?
+                VocabMatrix::for_inference(&lm_head, quantization)?
             }
         };
         drop(shared);
         for layer in &mut encoder.layers {
             layer.self_attn.fuse_projections()?;
-            layer.self_attn.prepare_inference()?;
-            layer.ffn.prepare_inference()?;
+            layer.self_attn.prepare_inference(quantization)?;
+            layer.ffn.prepare_inference(quantization)?;
         }
         for layer in &mut decoder.layers {
             layer.self_attn.fuse_projections()?;
-            layer.self_attn.prepare_inference()?;
-            layer.encoder_attn.prepare_inference()?;
-            layer.ffn.prepare_inference()?;
+            layer.self_attn.prepare_inference(quantization)?;
+            layer.encoder_attn.prepare_inference(quantization)?;
+            layer.ffn.prepare_inference(quantization)?;
         }
         let logits_bias_is_zero = !final_logits_bias.is_variable()
             && final_logits_bias
@@ -568,7 +638,7 @@ impl Bart {
                 .to_scalar::<f32>()?
                 == 0.0;
         let host_logits_bias = match lm_head {
-            VocabMatrix::Packed(_) if !logits_bias_is_zero => Some(
+            VocabMatrix::Packed(_) | VocabMatrix::Quantized { .. } if !logits_bias_is_zero => Some(
                 final_logits_bias
                     .to_dtype(DType::F32)?
                     .flatten_all()?
@@ -587,6 +657,8 @@ impl Bart {
             host_logits_bias,
             dtype,
             device,
+            quantization,
+            kv_cache_dtype: dtype,
         })
     }
 
@@ -603,6 +675,57 @@ impl Bart {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// How the weight matrices are stored.
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
+
+    /// The dtype decoder caches ([`DecoderCache`]) store keys and values in: the model's dtype
+    /// unless [`Bart::set_kv_cache_dtype`] chose another.
+    pub fn kv_cache_dtype(&self) -> DType {
+        self.kv_cache_dtype
+    }
+
+    /// Stores the keys and values of the decoder caches started from now on in `dtype` (f32,
+    /// f16 or bf16; `None`: the model's dtype). Attention converts them back to the model's
+    /// dtype as it reads them (on the CPU in f32, inside the fused step kernel).
+    pub fn set_kv_cache_dtype(&mut self, dtype: Option<DType>) -> Result<()> {
+        let dtype = dtype.unwrap_or(self.dtype);
+        if !is_cache_dtype(dtype) {
+            return Err(Error::Invalid(format!(
+                "a key/value cache cannot be stored in {dtype:?} (use f32, f16 or bf16)"
+            )));
+        }
+        self.kv_cache_dtype = dtype;
+        Ok(())
+    }
+
+    /// Bytes held by the weight matrices (every linear layer's, the token embedding and the LM
+    /// head, each shared matrix once) as stored: packed f32, int8 codes with their scales, or
+    /// as loaded. Layer norms, biases and position embeddings are not counted.
+    pub fn matrix_bytes(&self) -> usize {
+        let enc: usize = self
+            .encoder
+            .layers
+            .iter()
+            .map(|l| l.self_attn.weight_bytes() + l.ffn.weight_bytes())
+            .sum();
+        let dec: usize = self
+            .decoder
+            .layers
+            .iter()
+            .map(|l| {
+                l.self_attn.weight_bytes() + l.encoder_attn.weight_bytes() + l.ffn.weight_bytes()
+            })
+            .sum();
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.bytes()
+        };
+        enc + dec + self.encoder.embeddings.tokens.bytes() + head
     }
 
     /// Runs the encoder on `input_ids` `(batch, len)` with an optional 0/1 `attention_mask`
@@ -706,14 +829,19 @@ impl Bart {
                 "a decoding group needs at least one row".into(),
             ));
         }
+        let dtype = self.kv_cache_dtype;
         let layers = self
             .decoder
             .layers
             .iter()
             .map(|l| {
+                let kv = l.encoder_attn.key_values(encoder_hidden)?;
                 Ok(LayerCache {
-                    self_kv: SelfAttentionCache::default(),
-                    cross_kv: l.encoder_attn.key_values(encoder_hidden)?,
+                    self_kv: SelfAttentionCache::stored_as(dtype),
+                    cross_kv: KeyValues {
+                        keys: to_cache_dtype(&kv.keys, dtype)?,
+                        values: to_cache_dtype(&kv.values, dtype)?,
+                    },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -743,11 +871,19 @@ impl Bart {
     ) -> Result<(Vec<f32>, usize)> {
         let hidden = self.decode_step_hidden(ids, cache)?;
         let vocab = self.config.vocab_size;
-        if let VocabMatrix::Packed(lm_head) = &self.lm_head {
-            let (b, t, d) = hidden.dims3()?;
-            let hidden = hidden.reshape((b * t, d))?;
-            let logits = lm_head.linear_to_host(&hidden, self.host_logits_bias.as_deref())?;
-            return Ok((logits, vocab));
+        let bias = self.host_logits_bias.as_deref();
+        match &self.lm_head {
+            VocabMatrix::Packed(lm_head) => {
+                let (b, t, d) = hidden.dims3()?;
+                let hidden = hidden.reshape((b * t, d))?;
+                return Ok((lm_head.linear_to_host(&hidden, bias)?, vocab));
+            }
+            VocabMatrix::Quantized { weight, .. } => {
+                let (b, t, d) = hidden.dims3()?;
+                let hidden = hidden.reshape((b * t, d))?.to_dtype(DType::F32)?;
+                return Ok((weight.linear_to_host(&hidden, bias)?, vocab));
+            }
+            VocabMatrix::Dense(_) => {}
         }
         let logits = self
             .lm_logits(&hidden)?
@@ -808,6 +944,11 @@ impl Bart {
                 let logits = lm_head.linear(&hidden, self.host_logits_bias.as_deref())?;
                 return Ok(logits.reshape((b, t, ()))?);
             }
+            VocabMatrix::Quantized { weight, .. } => {
+                let hidden = hidden.to_dtype(DType::F32)?;
+                let logits = weight.linear(&hidden, self.host_logits_bias.as_deref())?;
+                return Ok(logits.to_dtype(self.dtype)?.reshape((b, t, ()))?);
+            }
             VocabMatrix::Dense(lm_head) => matmul_weight_t(&hidden, lm_head)?,
         };
         if !self.logits_bias_is_zero {
@@ -815,4 +956,17 @@ impl Bart {
         }
         Ok(logits.reshape((b, t, ()))?)
     }
+}
+
+/// The error of int8 on a device other than the CPU.
+pub(crate) fn int8_device_error(device: &Device) -> Error {
+    let name = match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    };
+    Error::Invalid(format!(
+        "int8 quantization (--quantize int8) runs on the CPU only, not on {name}: use \
+         --device cpu, or --quantize none on a GPU"
+    ))
 }

@@ -5,11 +5,20 @@
 //! concatenating the whole history into a fresh tensor, so a step costs no copy of the history
 //! and memory stays at one buffer per layer. Beam search's reordering is done in place on the CPU
 //! (only the rows that change are copied); other devices gather into a new buffer.
+//!
+//! The buffers may hold f16 or bf16 instead of the model's f32 ([`SelfAttentionCache::stored_as`],
+//! [`super::Bart::set_kv_cache_dtype`]): half the memory, and half the bytes attention reads per
+//! step. New positions are rounded to the cache's dtype as they are written
+//! ([`to_cache_dtype`]), and the fused step kernel ([`super::step_attention`]) widens them back
+//! to f32 as it reads them.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Device, InplaceOp1, Layout, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor, WithDType};
+use half::{bf16, f16};
 
 use super::layers::KeyValues;
+use super::packed::with_f32_slices;
+use crate::vector_math;
 
 /// Positions reserved when no capacity was asked for.
 const DEFAULT_CAPACITY: usize = 16;
@@ -23,6 +32,8 @@ pub struct SelfAttentionCache {
     buffers: Option<KeyValues>,
     len: usize,
     capacity_hint: usize,
+    /// The dtype of the buffers (`None`: that of the first keys/values written).
+    dtype: Option<DType>,
 }
 
 impl Clone for SelfAttentionCache {
@@ -35,6 +46,7 @@ impl Clone for SelfAttentionCache {
             }),
             len: self.len,
             capacity_hint: self.capacity_hint,
+            dtype: self.dtype,
         }
     }
 }
@@ -44,10 +56,40 @@ impl SelfAttentionCache {
     /// as needed).
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
-            buffers: None,
-            len: 0,
             capacity_hint: capacity,
+            ..Self::default()
         }
+    }
+
+    /// An empty cache that stores keys and values in `dtype` (f32, f16 or bf16), whatever the
+    /// dtype of those appended.
+    pub fn stored_as(dtype: DType) -> Self {
+        Self {
+            dtype: Some(dtype),
+            ..Self::default()
+        }
+    }
+
+    /// Reserves `capacity` positions for the first write, if nothing was written yet.
+    pub fn reserve(&mut self, capacity: usize) {
+        if self.len == 0 {
+            self.buffers = None;
+            self.capacity_hint = capacity;
+        }
+    }
+
+    /// The dtype keys and values are stored in (`None` before the first write of a cache
+    /// without a chosen dtype).
+    pub fn dtype(&self) -> Option<DType> {
+        self.dtype
+            .or_else(|| self.buffers.as_ref().map(KeyValues::dtype))
+    }
+
+    /// Bytes held by the buffers (their whole capacity).
+    pub fn bytes(&self) -> usize {
+        self.buffers.as_ref().map_or(0, |b| {
+            2 * b.keys.elem_count() * b.keys.dtype().size_in_bytes()
+        })
     }
 
     /// Positions filled so far.
@@ -65,8 +107,14 @@ impl SelfAttentionCache {
         self.buffers.as_ref().map_or(0, KeyValues::len)
     }
 
-    /// Appends `new` (`(rows, heads, positions, head_dim)`) after the filled positions.
+    /// Appends `new` (`(rows, heads, positions, head_dim)`) after the filled positions, converted
+    /// to the cache's dtype.
     pub fn append(&mut self, new: &KeyValues) -> candle_core::Result<()> {
+        let dtype = self.dtype.unwrap_or(new.keys.dtype());
+        let new = &KeyValues {
+            keys: to_cache_dtype(&new.keys, dtype)?,
+            values: to_cache_dtype(&new.values, dtype)?,
+        };
         let (rows, heads, added, head_dim) = new.keys.dims4()?;
         let needed = self.len + added;
         if needed > self.capacity() {
@@ -173,6 +221,33 @@ impl SelfAttentionCache {
             self.buffers = Some(buffers.select_rows(&idx)?);
         }
         Ok(())
+    }
+}
+
+/// `t` in `dtype`, a key/value cache's: on the CPU, f32 to f16 or bf16 by the vectorised slice
+/// conversions of [`crate::vector_math`] (rounded to nearest, ties to even, as candle's own
+/// conversion, which converts one value at a time); anything else by candle's conversion.
+pub fn to_cache_dtype(t: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    if t.dtype() == dtype {
+        return Ok(t.clone());
+    }
+    if !(t.device().is_cpu() && t.dtype() == DType::F32) {
+        return t.to_dtype(dtype);
+    }
+    let n = t.elem_count();
+    let t = t.contiguous()?;
+    match dtype {
+        DType::F16 => {
+            let mut out = vec![f16::ZERO; n];
+            with_f32_slices([&t], |[v]| vector_math::f32_to_f16_slice(v, &mut out))?;
+            Tensor::from_vec(out, t.shape(), t.device())
+        }
+        DType::BF16 => {
+            let mut out = vec![bf16::ZERO; n];
+            with_f32_slices([&t], |[v]| vector_math::f32_to_bf16_slice(v, &mut out))?;
+            Tensor::from_vec(out, t.shape(), t.device())
+        }
+        _ => t.to_dtype(dtype),
     }
 }
 
@@ -380,5 +455,78 @@ mod tests {
         cache.append(&kv(3, 1, 1, 0.0)).unwrap();
         assert!(cache.reorder(&[0, 1]).is_err());
         assert!(cache.reorder(&[0, 1, 3]).is_err());
+    }
+
+    fn f32_values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    /// A cache stored in f16 or bf16 holds what candle's conversion of the appended values
+    /// gives, through growth and reordering, in half the bytes.
+    #[test]
+    fn half_precision_caches_hold_the_converted_values() {
+        for dtype in [DType::F16, DType::BF16] {
+            let mut cache = SelfAttentionCache::stored_as(dtype);
+            let mut full = SelfAttentionCache::default();
+            cache.reserve(2);
+            for step in 0..5 {
+                let new = kv(3, 2, 1, 0.37 * step as f32 + 0.011);
+                cache.append(&new).unwrap();
+                full.append(&new).unwrap();
+                cache.reorder(&[2, 0, 0]).unwrap();
+                full.reorder(&[2, 0, 0]).unwrap();
+            }
+            assert_eq!(cache.dtype(), Some(dtype));
+            let got = cache.view().unwrap().unwrap();
+            let want = full.view().unwrap().unwrap();
+            assert_eq!(got.keys.dtype(), dtype);
+            let want = want.to_dtype(dtype).unwrap();
+            assert_eq!(f32_values(&got.keys), f32_values(&want.keys));
+            assert_eq!(f32_values(&got.values), f32_values(&want.values));
+            assert_eq!(2 * cache.bytes(), full.bytes());
+        }
+    }
+
+    /// The vectorised conversion equals candle's, value for value (ties, subnormals, the
+    /// largest values, infinities, NaN).
+    #[test]
+    fn cache_conversion_equals_candles() {
+        let mut v: Vec<f32> = (0..4099)
+            .map(|i| ((i * 7919) % 4001) as f32 * 0.731 - 1462.0)
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            1.0 + f32::EPSILON * 64.0, // a bf16 tie: rounds to even
+            1.0 + f32::EPSILON * 192.0,
+            65504.0,
+            65520.0, // f16 overflow
+            1e-8,    // f16 subnormal / zero
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::from_bits(0x7f80_0001), // a NaN that plain rounding would make infinite
+            f32::NAN,
+        ]);
+        let t = Tensor::from_vec(v.clone(), v.len(), &Device::Cpu).unwrap();
+        for dtype in [DType::F16, DType::BF16] {
+            let ours = f32_values(&to_cache_dtype(&t, dtype).unwrap());
+            let candle = f32_values(&t.to_dtype(dtype).unwrap());
+            for (i, (a, b)) in ours.iter().zip(&candle).enumerate() {
+                assert!(
+                    a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()),
+                    "{dtype:?} value {i} ({}): {a} vs {b}",
+                    v[i]
+                );
+            }
+        }
     }
 }

@@ -10,7 +10,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 
+use super::options::Quantization;
 use super::packed::{self, with_f32_slices, PackedWeight};
+use super::quantized::QuantizedWeight;
 use crate::config::Activation;
 
 /// Layer-norm epsilon used by every BART layer norm (PyTorch's default).
@@ -41,22 +43,62 @@ pub enum Linear {
         /// The bias as host values.
         bias: Arc<[f32]>,
     },
+    /// Frozen weights on the CPU quantized to int8 (see [`Linear::prepare_inference`]).
+    Quantized {
+        /// `W`, quantized.
+        weight: QuantizedWeight,
+        /// The bias as host values.
+        bias: Arc<[f32]>,
+    },
 }
 
 impl Linear {
-    /// For inference with frozen f32 weights on the CPU: the weight is replaced by its packed
-    /// form ([`PackedWeight`]: no second copy), which every later product uses. Trainable or
-    /// non-f32/non-CPU weights are left alone.
-    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
+    /// For inference with frozen weights on the CPU: the weight is replaced by its packed f32
+    /// form ([`PackedWeight`], for f32 weights) or, with [`Quantization::Int8`], by its int8 form
+    /// ([`QuantizedWeight`], from f32, f16 or bf16 weights); no second copy is kept, and every
+    /// later product uses it. Trainable weights, weights on other devices, and (without
+    /// quantization) non-f32 weights are left alone.
+    pub fn prepare_inference(&mut self, quantization: Quantization) -> candle_core::Result<()> {
         let Linear::Dense { weight, bias } = self else {
             return Ok(());
         };
-        let Some(weight) = PackedWeight::pack_frozen(weight)? else {
+        if weight.is_variable() || !weight.device().is_cpu() {
             return Ok(());
+        }
+        let host_bias = || -> candle_core::Result<Arc<[f32]>> {
+            Ok(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into())
         };
-        let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?.into();
-        *self = Linear::Packed { weight, bias };
+        *self = match quantization {
+            Quantization::Int8 => Linear::Quantized {
+                weight: QuantizedWeight::quantize(weight)?,
+                bias: host_bias()?,
+            },
+            Quantization::None => {
+                let Some(weight) = PackedWeight::pack_frozen(weight)? else {
+                    return Ok(());
+                };
+                Linear::Packed {
+                    weight,
+                    bias: host_bias()?,
+                }
+            }
+        };
         Ok(())
+    }
+
+    /// Whether the weight is in a CPU kernel's layout (packed f32 or int8): a view of whole
+    /// panels can be taken ([`Linear::narrow_outputs`]).
+    fn is_prepared(&self) -> bool {
+        matches!(self, Linear::Packed { .. } | Linear::Quantized { .. })
+    }
+
+    /// Bytes of the weight matrix as stored (views report the matrix they view, whole).
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Linear::Dense { weight, .. } => weight.elem_count() * weight.dtype().size_in_bytes(),
+            Linear::Packed { weight, .. } => weight.bytes(),
+            Linear::Quantized { weight, .. } => weight.bytes(),
+        }
     }
 
     /// Output features `[from, from + len)` as a layer of their own (a view: no copy of the
@@ -71,17 +113,25 @@ impl Linear {
                 weight: weight.narrow_outputs(from, len)?,
                 bias: bias[from..from + len].into(),
             },
+            Linear::Quantized { weight, bias } => Linear::Quantized {
+                weight: weight.narrow_outputs(from, len)?,
+                bias: bias[from..from + len].into(),
+            },
         })
     }
 
-    /// `act(x Wᵀ + b)`. With packed weights the GELU of BART's feed-forward layers runs inside
-    /// the product, on each block of outputs while it is in cache
+    /// `act(x Wᵀ + b)`. With packed or quantized weights the GELU of BART's feed-forward layers
+    /// runs inside the product, on each block of outputs while it is in cache
     /// ([`crate::vector_math::gelu`]); otherwise the activation follows the product.
     pub fn forward_activated(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+        let gelu: packed::Epilogue = crate::vector_math::gelu_in_place;
         match (self, act) {
-            (Linear::Packed { weight, bias }, Activation::Gelu) => on_rows(x, |x| {
-                weight.linear_then(x, Some(bias), Some(crate::vector_math::gelu_in_place))
-            }),
+            (Linear::Packed { weight, bias }, Activation::Gelu) => {
+                on_rows(x, |x| weight.linear_then(x, Some(bias), Some(gelu)))
+            }
+            (Linear::Quantized { weight, bias }, Activation::Gelu) => {
+                on_f32_rows(x, |x| weight.linear_then(x, Some(bias), Some(gelu)))
+            }
             _ => activate(&self.forward(x)?, act),
         }
     }
@@ -89,11 +139,24 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        on_rows(x, |x| match self {
-            Linear::Packed { weight, bias } => weight.linear(x, Some(bias)),
-            Linear::Dense { weight, bias } => matmul_weight_t(x, weight)?.broadcast_add(bias),
-        })
+        match self {
+            Linear::Quantized { weight, bias } => on_f32_rows(x, |x| weight.linear(x, Some(bias))),
+            Linear::Packed { weight, bias } => on_rows(x, |x| weight.linear(x, Some(bias))),
+            Linear::Dense { weight, bias } => {
+                on_rows(x, |x| matmul_weight_t(x, weight)?.broadcast_add(bias))
+            }
+        }
     }
+}
+
+/// [`on_rows`] for a map that takes and gives f32 (the int8 products): inputs of another dtype
+/// (a model run in f16 or bf16) are converted to f32 and the outputs back.
+fn on_f32_rows(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    on_rows(x, |x| f(&x.to_dtype(DType::F32)?)?.to_dtype(dtype))
 }
 
 /// Applies `f`, a map from `(rows, features)` to `(rows, outputs)`, along the last dimension of
@@ -378,6 +441,19 @@ impl KeyValues {
             values: self.values.index_select(rows, 0)?,
         })
     }
+
+    /// The keys and values in `dtype` (shared, not copied, when they already are).
+    pub fn to_dtype(&self, dtype: DType) -> candle_core::Result<KeyValues> {
+        Ok(KeyValues {
+            keys: self.keys.to_dtype(dtype)?,
+            values: self.values.to_dtype(dtype)?,
+        })
+    }
+
+    /// The dtype keys and values are stored in.
+    pub fn dtype(&self) -> DType {
+        self.keys.dtype()
+    }
 }
 
 /// Multi-head attention as in transformers' `BartAttention`.
@@ -471,27 +547,39 @@ impl Attention {
     }
 
     /// Prepares every projection for inference on the CPU ([`Linear::prepare_inference`]).
-    /// Stacked q/k/v projections are packed once and the separate ones become views of it; when
-    /// the width is not a whole number of packed panels (views need whole panels), the stack is
-    /// given up and q, k and v are packed separately.
-    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
+    /// Stacked q/k/v projections are packed (or quantized) once and the separate ones become
+    /// views of it; when the width is not a whole number of panels (views need whole panels),
+    /// the stack is given up and q, k and v are prepared separately.
+    pub fn prepare_inference(&mut self, quantization: Quantization) -> candle_core::Result<()> {
         let dim = self.heads * self.head_dim;
         if !dim.is_multiple_of(packed::PANEL) {
             self.qkv = None;
         }
         if let Some(qkv) = &mut self.qkv {
-            qkv.prepare_inference()?;
-            if matches!(qkv, Linear::Packed { .. }) {
+            qkv.prepare_inference(quantization)?;
+            if qkv.is_prepared() {
                 self.q_proj = qkv.narrow_outputs(0, dim)?;
                 self.k_proj = qkv.narrow_outputs(dim, dim)?;
                 self.v_proj = qkv.narrow_outputs(2 * dim, dim)?;
             }
         } else {
             for proj in [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj] {
-                proj.prepare_inference()?;
+                proj.prepare_inference(quantization)?;
             }
         }
-        self.out_proj.prepare_inference()
+        self.out_proj.prepare_inference(quantization)
+    }
+
+    /// Bytes of the projection weights as stored (a stacked q/k/v matrix counted once).
+    pub fn weight_bytes(&self) -> usize {
+        let qkv = match &self.qkv {
+            Some(qkv) => qkv.weight_bytes(),
+            None => [&self.q_proj, &self.k_proj, &self.v_proj]
+                .iter()
+                .map(|p| p.weight_bytes())
+                .sum(),
+        };
+        qkv + self.out_proj.weight_bytes()
     }
 
     /// Scaled queries `(batch, len, dim)` and the keys/values of `x` `(batch, len, dim)`
@@ -593,9 +681,14 @@ pub struct FeedForward {
 
 impl FeedForward {
     /// Prepares `fc1` and `fc2` for inference ([`Linear::prepare_inference`]).
-    pub fn prepare_inference(&mut self) -> candle_core::Result<()> {
-        self.fc1.prepare_inference()?;
-        self.fc2.prepare_inference()
+    pub fn prepare_inference(&mut self, quantization: Quantization) -> candle_core::Result<()> {
+        self.fc1.prepare_inference(quantization)?;
+        self.fc2.prepare_inference(quantization)
+    }
+
+    /// Bytes of the `fc1` and `fc2` weights as stored.
+    pub fn weight_bytes(&self) -> usize {
+        self.fc1.weight_bytes() + self.fc2.weight_bytes()
     }
 
     /// Loads `fc1` and `fc2` from `vb` (they sit directly in the layer in BART's naming).
@@ -651,7 +744,7 @@ mod tests {
             let loaded = attention(dim, heads);
             let mut prepared = loaded.clone();
             prepared.fuse_projections().unwrap();
-            prepared.prepare_inference().unwrap();
+            prepared.prepare_inference(Quantization::None).unwrap();
             assert!(matches!(prepared.out_proj, Linear::Packed { .. }));
             assert!(matches!(prepared.q_proj, Linear::Packed { .. }));
             assert_eq!(prepared.qkv.is_some(), dim % packed::PANEL == 0);
@@ -664,6 +757,53 @@ mod tests {
             let a0 = loaded.attend(&x, &kv0, None, Pass::Inference).unwrap();
             let a1 = prepared.attend(&x, &kv1, None, Pass::Inference).unwrap();
             assert!(max_abs_diff(&a0, &a1) < 1e-5, "dim {dim}");
+        }
+    }
+
+    /// Quantized projections: stacked and viewed as the packed ones are, each product equal to
+    /// the int8 product of its own weight (the views compute exactly what separate weights
+    /// would), close to the f32 result, and a quarter of the memory plus the scales.
+    #[test]
+    fn quantized_attention_views_and_accuracy() {
+        for (dim, heads) in [(32, 4), (24, 3)] {
+            let loaded = attention(dim, heads);
+            let mut packed = loaded.clone();
+            packed.fuse_projections().unwrap();
+            packed.prepare_inference(Quantization::None).unwrap();
+            let mut quantized = loaded.clone();
+            quantized.fuse_projections().unwrap();
+            quantized.prepare_inference(Quantization::Int8).unwrap();
+            assert!(matches!(quantized.out_proj, Linear::Quantized { .. }));
+            assert!(matches!(quantized.k_proj, Linear::Quantized { .. }));
+            assert_eq!(quantized.qkv.is_some(), dim % packed::PANEL == 0);
+            let x = Tensor::randn(0f32, 1.0, (2, 5, dim), &Device::Cpu).unwrap();
+            let (q0, kv0) = loaded.self_projections(&x).unwrap();
+            let (q1, kv1) = quantized.self_projections(&x).unwrap();
+            let Linear::Dense { weight, bias } = &loaded.k_proj else {
+                panic!("loaded projections are dense")
+            };
+            let own = QuantizedWeight::quantize(weight).unwrap();
+            let bias = bias.to_vec1::<f32>().unwrap();
+            let want = own
+                .linear(&x.reshape((10, dim)).unwrap(), Some(&bias))
+                .unwrap()
+                .reshape((2, 5, heads, dim / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            assert_eq!(max_abs_diff(&kv1.keys, &want), 0.0, "dim {dim}");
+            let scale = |t: &Tensor| max_abs_diff(t, &t.zeros_like().unwrap());
+            for (a, b) in [
+                (&q0, &q1),
+                (&kv0.keys, &kv1.keys),
+                (&kv0.values, &kv1.values),
+            ] {
+                assert!(max_abs_diff(a, b) < 0.1 * scale(a), "dim {dim}");
+            }
+            let bytes = quantized.weight_bytes() as f64 / packed.weight_bytes() as f64;
+            // Codes, plus a scale and a code sum (8 bytes) per output: (dim + 8) / (4 dim).
+            let want = (dim.div_ceil(4) * 4 + 8) as f64 / (4 * dim) as f64;
+            assert!((bytes - want).abs() < 0.02, "dim {dim}: {bytes} vs {want}");
         }
     }
 }

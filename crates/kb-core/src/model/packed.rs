@@ -3,8 +3,8 @@
 //! A linear layer's weight `W` `(out, in)` is stored as panels of [`PANEL`] consecutive output
 //! features: panel `p` holds, for every input feature `k` in order, the [`PANEL`] values
 //! `W[p·PANEL + j][k]` side by side (outputs past `out` are zero). `y = x Wᵀ + b` then walks each
-//! panel once, front to back, while a tile of up to [`TILE_ROWS`] rows of `x` accumulates
-//! `TILE_ROWS × PANEL` outputs in registers.
+//! panel once, front to back, while a tile of rows of `x` ([`TILE_ROWS`] for AVX2,
+//! [`AVX512_TILE_ROWS`] for AVX-512) accumulates `rows × PANEL` outputs in registers.
 //!
 //! Why: a general GEMM (candle's, via the `gemm` crate) copies ("packs") the weight into such
 //! blocks on every call. At decoding shapes every weight is used once per step by few rows
@@ -20,9 +20,20 @@
 //! read back ([`PackedWeight::select_rows`]), so the token embedding that doubles as the LM head
 //! is packed once for both uses.
 //!
-//! Kernels: AVX2 + FMA where the CPU has them (checked at run time), otherwise portable Rust that
-//! the compiler vectorises for the target. Sums run over the input features in order, starting
-//! from the bias: results differ from candle's product by float rounding (≈1e-6 relative).
+//! Kernels ([`F32Kernel`], chosen once at run time; `KB_F32_KERNEL` forces one): AVX-512F where
+//! the CPU has it, else AVX2 + FMA, else portable Rust that the compiler vectorises for the
+//! target. Sums run over the input features in order, starting from the bias: results differ
+//! from candle's product by float rounding (≈1e-6 relative). The AVX2 and AVX-512 kernels both
+//! fuse each multiply-add (FMA) in that same order, so they give the same bits.
+//!
+//! AVX-512 (why a kernel of its own): a panel row of 16 outputs is one zmm register instead of
+//! two ymm, so each input feature costs one load of the panel and one FMA per row instead of two
+//! of each, and the 32 registers hold [`AVX512_TILE_ROWS`] rows of accumulators (AVX2's 16
+//! registers hold 6 rows × 2): the panel is read from L1 once per 14 rows instead of once per 6.
+//! It has not been measured nor run: the machines this project runs on (AMD Zen 3) lack AVX-512,
+//! and QEMU's TCG does not implement it. Its tests (the same as the AVX2 kernel's, plus equality
+//! with the AVX2 kernel bit for bit) run where the CPU has AVX-512F; until they have, a CPU with
+//! AVX-512 can be kept on the AVX2 kernel with `KB_F32_KERNEL=avx2`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -32,8 +43,19 @@ use rayon::prelude::*;
 /// Output features per panel.
 pub const PANEL: usize = 16;
 
-/// Rows of `x` per register tile (6 × 16 accumulators fill 12 of AVX2's 16 registers).
+/// Rows of `x` per register tile of the portable and AVX2 kernels (6 × 16 accumulators fill 12
+/// of AVX2's 16 registers).
 pub const TILE_ROWS: usize = 6;
+
+/// Rows of `x` per register tile of the AVX-512 kernel (14 zmm accumulators and the panel row,
+/// of 32 registers).
+pub const AVX512_TILE_ROWS: usize = 14;
+
+/// The most rows any kernel handles in one tile.
+const MAX_TILE_ROWS: usize = AVX512_TILE_ROWS;
+
+/// Environment variable that forces a kernel (`portable`, `avx2` or `avx512`).
+pub const KERNEL_ENV: &str = "KB_F32_KERNEL";
 
 /// A frozen `(outputs, inputs)` f32 weight matrix in panels (see the module docs). Cloning
 /// shares the data; [`PackedWeight::narrow_outputs`] views a range of panels without a copy.
@@ -144,6 +166,12 @@ impl PackedWeight {
         self.inputs
     }
 
+    /// Bytes held by the packed data. Views made by [`PackedWeight::narrow_outputs`] share one
+    /// allocation and each report all of it.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of_val(&self.data[..])
+    }
+
     /// The panels of this view.
     fn panels(&self) -> &[f32] {
         let len = self.outputs.div_ceil(PANEL) * self.inputs * PANEL;
@@ -240,7 +268,8 @@ impl PackedWeight {
                 );
             }
         }
-        with_contiguous_f32(x, |x| Ok(self.product(x, rows, bias, kernel(), epilogue)))
+        let kernel = F32Kernel::selected()?;
+        with_contiguous_f32(x, |x| Ok(self.product(x, rows, bias, kernel, epilogue)))
     }
 
     /// `x Wᵀ (+ bias)`, then `epilogue`, with the given tile kernel; `x` holds `rows × inputs`
@@ -250,13 +279,14 @@ impl PackedWeight {
         x: &[f32],
         rows: usize,
         bias: Option<&[f32]>,
-        kernel: Kernel,
+        kernel: F32Kernel,
         epilogue: Option<Epilogue>,
     ) -> Vec<f32> {
         let (outputs, inputs) = (self.outputs, self.inputs);
         if rows == 0 || outputs == 0 {
             return vec![0f32; rows * outputs];
         }
+        let tile = kernel.tile();
         // Every element is written below (each task its panels' outputs of every row): no
         // zero-filling pass first.
         let mut y = Vec::<f32>::with_capacity(rows * outputs);
@@ -270,8 +300,8 @@ impl PackedWeight {
         (0..panel_count.div_ceil(chunk))
             .into_par_iter()
             .for_each(|c| {
-                let tiles = rows.div_ceil(TILE_ROWS);
-                let mut acc = vec![[0f32; TILE_ROWS * PANEL]; tiles];
+                let tiles = rows.div_ceil(tile.rows);
+                let mut acc = vec![[0f32; MAX_TILE_ROWS * PANEL]; tiles];
                 for p in c * chunk..((c + 1) * chunk).min(panel_count) {
                     let panel = &panels[p * inputs * PANEL..][..inputs * PANEL];
                     let width = PANEL.min(outputs - p * PANEL);
@@ -279,8 +309,9 @@ impl PackedWeight {
                     if let Some(b) = bias {
                         start[..width].copy_from_slice(&b[p * PANEL..][..width]);
                     }
-                    for a in &mut acc {
-                        for r in a.chunks_exact_mut(PANEL) {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let (_, tile_rows) = tile_span(rows, tiles, t);
+                        for r in a.chunks_exact_mut(PANEL).take(tile_rows) {
                             r.copy_from_slice(&start);
                         }
                     }
@@ -291,7 +322,7 @@ impl PackedWeight {
                         for (t, a) in acc.iter_mut().enumerate() {
                             let (r0, tile_rows) = tile_span(rows, tiles, t);
                             let xs = &x[r0 * inputs + k0..][..(tile_rows - 1) * inputs + depth];
-                            kernel(xs, inputs, tile_rows, depth, block, a);
+                            (tile.add)(xs, inputs, tile_rows, depth, block, a);
                         }
                     }
                     for (t, a) in acc.iter_mut().enumerate() {
@@ -333,9 +364,9 @@ impl PackedWeight {
     }
 }
 
-/// Rows `(first, count)` of tile `t` when `rows` rows are split into `tiles` tiles of at most
-/// [`TILE_ROWS`]: sizes differ by at most one (80 rows: ten tiles of 6 and four of 5, rather than
-/// thirteen of 6 and one of 2, whose 4 accumulators cannot hide the FMA latency).
+/// Rows `(first, count)` of tile `t` when `rows` rows are split into `tiles` tiles of at most a
+/// kernel's rows: sizes differ by at most one (80 rows in tiles of 6: ten tiles of 6 and four of
+/// 5, rather than thirteen of 6 and one of 2, whose 4 accumulators cannot hide the FMA latency).
 fn tile_span(rows: usize, tiles: usize, t: usize) -> (usize, usize) {
     let (base, extra) = (rows / tiles, rows % tiles);
     (t * base + t.min(extra), base + usize::from(t < extra))
@@ -362,27 +393,140 @@ impl OutPtr {
 /// Inputs per block of a panel (16 KiB of it: stays in L1 while every row tile reads it).
 const DEPTH: usize = 256;
 
-/// A tile kernel: for `rows` (≤ [`TILE_ROWS`]) rows of `x` (row `r` starts at `r·stride`,
-/// `depth` values) and a panel block (`depth × PANEL` values), adds
-/// `Σₖ x[r][k]·block[k][j]` to `acc[r·PANEL + j]`.
-type Kernel = fn(&[f32], usize, usize, usize, &[f32], &mut [f32; TILE_ROWS * PANEL]);
+/// A tile kernel: for `rows` (1 to its [`Tile::rows`]) rows of `x` (row `r` starts at
+/// `r·stride`, `depth` values) and a panel block (`depth × PANEL` values), adds
+/// `Σₖ x[r][k]·block[k][j]` to `acc[r·PANEL + j]`, over `k` in order.
+type TileFn = fn(&[f32], usize, usize, usize, &[f32], &mut [f32; MAX_TILE_ROWS * PANEL]);
 
-/// The fastest kernel this CPU runs (checked once).
-fn kernel() -> Kernel {
-    static KERNEL: OnceLock<Kernel> = OnceLock::new();
-    *KERNEL.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return avx2::tile;
-        }
-        portable_tile
-    })
+/// A tile function and the most rows it takes.
+#[derive(Clone, Copy)]
+struct Tile {
+    rows: usize,
+    add: TileFn,
 }
 
-/// Panics unless a kernel's arguments are in bounds: 1 to [`TILE_ROWS`] rows of `depth` values
+/// An f32 product kernel. Each sums in the same order; the AVX2 and AVX-512 ones fuse the
+/// multiply-adds (and so give the same bits), the portable one rounds each product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum F32Kernel {
+    /// Plain Rust loops that the compiler vectorises for the target: any CPU.
+    Portable,
+    /// AVX2 + FMA: 6 rows × 16 outputs in 12 ymm accumulators.
+    Avx2,
+    /// AVX-512F: one zmm accumulator per row, 14 rows.
+    Avx512,
+}
+
+impl F32Kernel {
+    /// Every kernel, slowest first.
+    pub const ALL: [F32Kernel; 3] = [F32Kernel::Portable, F32Kernel::Avx2, F32Kernel::Avx512];
+
+    /// The kernel's name, as [`KERNEL_ENV`] spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            F32Kernel::Portable => "portable",
+            F32Kernel::Avx2 => "avx2",
+            F32Kernel::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU runs the kernel (checked at run time).
+    pub fn is_supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                F32Kernel::Portable => true,
+                F32Kernel::Avx2 => {
+                    is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+                }
+                F32Kernel::Avx512 => is_x86_feature_detected!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == F32Kernel::Portable
+        }
+    }
+
+    /// The kernels this CPU runs, slowest first.
+    pub fn supported() -> Vec<F32Kernel> {
+        Self::ALL.into_iter().filter(|k| k.is_supported()).collect()
+    }
+
+    /// The kernel named `request` (an error if unknown or not supported by this CPU), or the
+    /// fastest this CPU runs when `None` or empty.
+    pub fn choose(request: Option<&str>) -> crate::Result<F32Kernel> {
+        let request = request.map(str::trim).filter(|r| !r.is_empty());
+        let Some(name) = request else {
+            return Ok(Self::ALL
+                .into_iter()
+                .rev()
+                .find(|k| k.is_supported())
+                .unwrap_or(F32Kernel::Portable));
+        };
+        let Some(kernel) = Self::ALL.into_iter().find(|k| k.name() == name) else {
+            return Err(crate::Error::Invalid(format!(
+                "{KERNEL_ENV}={name}: unknown f32 kernel (expected one of {})",
+                Self::ALL.map(Self::name).join(", ")
+            )));
+        };
+        if !kernel.is_supported() {
+            let here: Vec<&str> = Self::supported().into_iter().map(Self::name).collect();
+            return Err(crate::Error::Invalid(format!(
+                "{KERNEL_ENV}={name}: this CPU cannot run it (this CPU runs: {})",
+                here.join(", ")
+            )));
+        }
+        Ok(kernel)
+    }
+
+    /// The kernel the products use: the one [`KERNEL_ENV`] names, else the fastest this CPU runs
+    /// (decided once per process; an error every time if the variable names a kernel that is
+    /// unknown or that this CPU lacks).
+    pub fn selected() -> candle_core::Result<F32Kernel> {
+        static SELECTED: OnceLock<Result<F32Kernel, String>> = OnceLock::new();
+        SELECTED
+            .get_or_init(|| {
+                let request = std::env::var(KERNEL_ENV).ok();
+                Self::choose(request.as_deref()).map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(candle_core::Error::msg)
+    }
+
+    /// The tile function and its rows per tile. Panics if the CPU cannot run the kernel (the
+    /// x86 tile functions rely on that check).
+    fn tile(self) -> Tile {
+        assert!(
+            self.is_supported(),
+            "the {} f32 kernel on a CPU without it",
+            self.name()
+        );
+        match self {
+            F32Kernel::Portable => Tile {
+                rows: TILE_ROWS,
+                add: portable_tile,
+            },
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Avx2 => Tile {
+                rows: TILE_ROWS,
+                add: avx2::tile,
+            },
+            #[cfg(target_arch = "x86_64")]
+            F32Kernel::Avx512 => Tile {
+                rows: AVX512_TILE_ROWS,
+                add: avx512::tile,
+            },
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only the portable kernel is supported off x86-64"),
+        }
+    }
+}
+
+/// Panics unless a kernel's arguments are in bounds: 1 to `max_rows` rows of `depth` values
 /// `stride` apart in `x`, and `depth` panel rows in `block`.
-fn check_tile(x: &[f32], stride: usize, rows: usize, depth: usize, block: &[f32]) {
-    assert!((1..=TILE_ROWS).contains(&rows), "{rows} rows in a tile");
+fn check_tile(x: &[f32], stride: usize, rows: usize, depth: usize, block: &[f32], max_rows: usize) {
+    assert!((1..=max_rows).contains(&rows), "{rows} rows in a tile");
     assert!(block.len() >= depth * PANEL && x.len() >= (rows - 1) * stride + depth);
 }
 
@@ -393,9 +537,9 @@ fn portable_tile(
     rows: usize,
     depth: usize,
     block: &[f32],
-    acc: &mut [f32; TILE_ROWS * PANEL],
+    acc: &mut [f32; MAX_TILE_ROWS * PANEL],
 ) {
-    check_tile(x, stride, rows, depth, block);
+    check_tile(x, stride, rows, depth, block, TILE_ROWS);
     let mut sums = [[0f32; PANEL]; TILE_ROWS];
     for (r, s) in sums[..rows].iter_mut().enumerate() {
         s.copy_from_slice(&acc[r * PANEL..][..PANEL]);
@@ -417,20 +561,21 @@ fn portable_tile(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{PANEL, TILE_ROWS};
+    use super::{MAX_TILE_ROWS, PANEL, TILE_ROWS};
 
-    /// AVX2 + FMA kernel (see [`super::Kernel`]); only chosen when the CPU has both.
+    /// AVX2 + FMA kernel (see [`super::TileFn`]); handed out only when the CPU has both.
     pub(super) fn tile(
         x: &[f32],
         stride: usize,
         rows: usize,
         depth: usize,
         block: &[f32],
-        acc: &mut [f32; TILE_ROWS * PANEL],
+        acc: &mut [f32; MAX_TILE_ROWS * PANEL],
     ) {
-        super::check_tile(x, stride, rows, depth, block);
-        // SAFETY: the CPU has AVX2 and FMA (checked before this kernel is chosen); the bounds
-        // were checked above and each instantiation reads rows `0..R` of `x`.
+        super::check_tile(x, stride, rows, depth, block, TILE_ROWS);
+        // SAFETY: the CPU has AVX2 and FMA (`F32Kernel::tile`, the only way to this function,
+        // asserts it); the bounds were checked above and each instantiation reads rows `0..R`
+        // of `x` and writes rows `0..R ≤ MAX_TILE_ROWS` of `acc`.
         unsafe {
             match rows {
                 6 => rows_tile::<6>(x, stride, depth, block, acc),
@@ -451,7 +596,7 @@ mod avx2 {
         stride: usize,
         depth: usize,
         block: &[f32],
-        acc: &mut [f32; TILE_ROWS * PANEL],
+        acc: &mut [f32; MAX_TILE_ROWS * PANEL],
     ) {
         let (xp, wp, ap) = (x.as_ptr(), block.as_ptr(), acc.as_mut_ptr());
         let mut sums = [[_mm256_setzero_ps(); 2]; R];
@@ -475,18 +620,89 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{AVX512_TILE_ROWS, MAX_TILE_ROWS, PANEL};
+
+    /// AVX-512F kernel (see [`super::TileFn`]); handed out only when the CPU has AVX-512F.
+    pub(super) fn tile(
+        x: &[f32],
+        stride: usize,
+        rows: usize,
+        depth: usize,
+        block: &[f32],
+        acc: &mut [f32; MAX_TILE_ROWS * PANEL],
+    ) {
+        super::check_tile(x, stride, rows, depth, block, AVX512_TILE_ROWS);
+        // SAFETY: the CPU has AVX-512F (`F32Kernel::tile`, the only way to this function,
+        // asserts it); the bounds were checked above, each instantiation reads rows `0..R` of
+        // `x` and `depth` panel rows of `block`, and writes rows `0..R ≤ MAX_TILE_ROWS` of `acc`.
+        unsafe {
+            match rows {
+                14 => rows_tile::<14>(x, stride, depth, block, acc),
+                13 => rows_tile::<13>(x, stride, depth, block, acc),
+                12 => rows_tile::<12>(x, stride, depth, block, acc),
+                11 => rows_tile::<11>(x, stride, depth, block, acc),
+                10 => rows_tile::<10>(x, stride, depth, block, acc),
+                9 => rows_tile::<9>(x, stride, depth, block, acc),
+                8 => rows_tile::<8>(x, stride, depth, block, acc),
+                7 => rows_tile::<7>(x, stride, depth, block, acc),
+                6 => rows_tile::<6>(x, stride, depth, block, acc),
+                5 => rows_tile::<5>(x, stride, depth, block, acc),
+                4 => rows_tile::<4>(x, stride, depth, block, acc),
+                3 => rows_tile::<3>(x, stride, depth, block, acc),
+                2 => rows_tile::<2>(x, stride, depth, block, acc),
+                _ => rows_tile::<1>(x, stride, depth, block, acc),
+            }
+        }
+    }
+
+    /// `R` rows × 16 outputs in `R` zmm registers; per input feature one panel row (one load)
+    /// and per row one broadcast and one FMA — the AVX2 kernel's operations, in its order, on
+    /// one register instead of two.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rows_tile<const R: usize>(
+        x: &[f32],
+        stride: usize,
+        depth: usize,
+        block: &[f32],
+        acc: &mut [f32; MAX_TILE_ROWS * PANEL],
+    ) {
+        let (xp, wp, ap) = (x.as_ptr(), block.as_ptr(), acc.as_mut_ptr());
+        let mut sums = [_mm512_setzero_ps(); R];
+        for (r, s) in sums.iter_mut().enumerate() {
+            *s = _mm512_loadu_ps(ap.add(r * PANEL));
+        }
+        for k in 0..depth {
+            let w = _mm512_loadu_ps(wp.add(k * PANEL));
+            for (r, s) in sums.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*xp.add(r * stride + k));
+                *s = _mm512_fmadd_ps(xv, w, *s);
+            }
+        }
+        for (r, s) in sums.iter().enumerate() {
+            _mm512_storeu_ps(ap.add(r * PANEL), *s);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_support::max_abs_diff;
 
     /// Every kernel this machine can run.
-    fn kernels() -> Vec<(&'static str, Kernel)> {
-        let mut k: Vec<(&'static str, Kernel)> = vec![("portable", portable_tile)];
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            k.push(("avx2", avx2::tile));
-        }
+    fn kernels() -> Vec<(&'static str, F32Kernel)> {
+        let k: Vec<_> = F32Kernel::supported()
+            .into_iter()
+            .map(|k| (k.name(), k))
+            .collect();
+        eprintln!(
+            "f32 kernels run here: {:?}",
+            k.iter().map(|k| k.0).collect::<Vec<_>>()
+        );
         k
     }
 
@@ -502,7 +718,7 @@ mod tests {
         max_abs_diff(a, b) / scale as f64
     }
 
-    fn product_tensor(p: &PackedWeight, x: &Tensor, bias: Option<&[f32]>, k: Kernel) -> Tensor {
+    fn product_tensor(p: &PackedWeight, x: &Tensor, bias: Option<&[f32]>, k: F32Kernel) -> Tensor {
         let rows = x.dim(0).unwrap();
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         Tensor::from_vec(
@@ -513,7 +729,7 @@ mod tests {
         .unwrap()
     }
 
-    /// Both kernels against candle's `x Wᵀ + b`, for output counts that are and are not whole
+    /// Every kernel against candle's `x Wᵀ + b`, for output counts that are and are not whole
     /// panels, row counts below, at and across the tile size, and a transposed weight view.
     #[test]
     fn matches_candle_matmul() {
@@ -526,7 +742,7 @@ mod tests {
             for weight in [&w, &transposed] {
                 let packed = PackedWeight::pack(weight).unwrap();
                 assert_eq!(max_abs_diff(&packed.unpack(), &w), 0.0);
-                for rows in [1, 5, 6, 7, 13, 80] {
+                for rows in [1, 5, 6, 7, 13, 14, 15, 29, 80] {
                     let x = Tensor::randn(0f32, 1.0, (rows, inputs), &dev).unwrap();
                     let want = x.matmul(&w.t().unwrap()).unwrap();
                     let want_b = want.broadcast_add(&b).unwrap();
@@ -559,18 +775,70 @@ mod tests {
         }
     }
 
+    /// The vectorised kernels fuse the same multiply-adds in the same order: AVX2 and AVX-512
+    /// give the same bits, for every tile size of each (and across several depth blocks).
+    #[test]
+    fn fused_kernels_agree_bit_for_bit() {
+        let dev = Device::Cpu;
+        let fused: Vec<F32Kernel> = F32Kernel::supported()
+            .into_iter()
+            .filter(|k| *k != F32Kernel::Portable)
+            .collect();
+        eprintln!("fused kernels run here: {fused:?}");
+        let (outputs, inputs) = (40, DEPTH + 37);
+        let w = Tensor::randn(0f32, 1.0, (outputs, inputs), &dev).unwrap();
+        let packed = PackedWeight::pack(&w).unwrap();
+        let bias: Vec<f32> = (0..outputs).map(|i| i as f32 * 0.1).collect();
+        for rows in (1..=2 * AVX512_TILE_ROWS + 1).chain([80]) {
+            let x = Tensor::randn(0f32, 1.0, (rows, inputs), &dev).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let results: Vec<Vec<f32>> = fused
+                .iter()
+                .map(|&k| packed.product(&xs, rows, Some(&bias), k, None))
+                .collect();
+            for (k, r) in fused.iter().zip(&results).skip(1) {
+                assert_eq!(r, &results[0], "{k:?} vs {:?}, {rows} rows", fused[0]);
+            }
+        }
+    }
+
+    #[test]
+    fn kernel_choice() {
+        let best = F32Kernel::choose(None).unwrap();
+        assert_eq!(Some(&best), F32Kernel::supported().last());
+        for k in F32Kernel::ALL {
+            match F32Kernel::choose(Some(k.name())) {
+                Ok(chosen) => assert!(k.is_supported() && chosen == k),
+                Err(e) => {
+                    assert!(!k.is_supported());
+                    assert!(e.to_string().contains("cannot run it"), "{e}");
+                }
+            }
+        }
+        let e = F32Kernel::choose(Some("sse")).unwrap_err().to_string();
+        assert!(
+            e.contains("unknown f32 kernel") && e.contains("avx512"),
+            "{e}"
+        );
+        if std::env::var(KERNEL_ENV).map_or(true, |v| v.trim().is_empty()) {
+            assert_eq!(F32Kernel::selected().unwrap(), best);
+        }
+    }
+
     #[test]
     fn tiles_cover_the_rows_evenly() {
-        for rows in 1usize..200 {
-            let tiles = rows.div_ceil(TILE_ROWS);
-            let mut next = 0;
-            for t in 0..tiles {
-                let (first, count) = tile_span(rows, tiles, t);
-                assert_eq!(first, next);
-                assert!((1..=TILE_ROWS).contains(&count) && count + 1 >= rows / tiles);
-                next += count;
+        for max in [TILE_ROWS, AVX512_TILE_ROWS] {
+            for rows in 1usize..200 {
+                let tiles = rows.div_ceil(max);
+                let mut next = 0;
+                for t in 0..tiles {
+                    let (first, count) = tile_span(rows, tiles, t);
+                    assert_eq!(first, next);
+                    assert!((1..=max).contains(&count) && count + 1 >= rows / tiles);
+                    next += count;
+                }
+                assert_eq!(next, rows);
             }
-            assert_eq!(next, rows);
         }
         assert_eq!(tile_span(80, 14, 0), (0, 6));
         assert_eq!(tile_span(80, 14, 13), (75, 5));

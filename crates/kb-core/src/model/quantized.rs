@@ -12,14 +12,25 @@
 //!   `q[p·16 + j][4g + t]` — one 4-byte lane per output, the operand shape of `vpmaddubsw` and
 //!   `vpdpbusd`. Inputs are padded with zero codes to a multiple of 4, outputs past the end are
 //!   zero.
-//! - Activations, per row of `x` and once per product: asymmetric 7-bit, as PyTorch's fbgemm with
-//!   `reduce_range` (so that AVX2's `vpmaddubsw`, which adds two `u8·i8` products in saturating
-//!   i16, never saturates: 2·127·127 < 32767). With `lo`, `hi` the row's minimum and maximum,
-//!   `s = (hi − lo) / 127` and `xq_k = min(round((x_k − lo) / s), 127)` as `u8` (`s = 0` and all
-//!   codes 0 when `hi == lo`: the row is then exactly `lo`).
-//! - Product: `acc[r][j] = Σ_k xq[r][k]·q[j][k]` in i32 (exact: `|acc| ≤ 127²·inputs`, so at
+//! - Activations, per row of `x` and once per product: asymmetric 8-bit with 255 levels. With
+//!   `lo`, `hi` the row's minimum and maximum, `s = (hi − lo) / 254` and
+//!   `xq_k = min(round((x_k − lo) / s), 254)` as `u8` (`s = 0` and all codes 0 when `hi == lo`:
+//!   the row is then exactly `lo`).
+//! - Product: `acc[r][j] = Σ_k xq[r][k]·q[j][k]` in i32 (exact: `|acc| ≤ 254·127·inputs`, so at
 //!   most [`MAX_INPUTS`] inputs), then `y[r][j] = scale_j·(s_r·acc[r][j] + lo_r·colsum_j) + b_j`
 //!   in f32, always in that order.
+//!
+//! Why 255 activation levels rather than the 128 of PyTorch's fbgemm with `reduce_range` (which
+//! this module first used): measured on a small model trained from scratch (test
+//! `int8_quality`), the activations' rounding, not the weights', was most of the int8 error —
+//! the mean KL divergence of the next-token distributions from f32 fell from 3.6e-4 with 7-bit
+//! activations to 1.6e-4 with 8-bit (and to 1.2e-4 with exact activations and int8 weights),
+//! and the rows whose keywords changed from 7.6% to 5.2% on data/valid.tsv. fbgemm keeps 7 bits
+//! because AVX2's `vpmaddubsw` adds two `u8·i8` products in saturating i16 (2·254·127 > 32767);
+//! the AVX2 kernel here instead multiplies `xq − 127` (in `-127..=127`) by the weights with the
+//! sign trick (`vpmaddubsw(|q|, sign(xq − 127, q))`: 2·127·127 < 32767, exact) and adds
+//! `127·colsum_j` afterwards, which gives the same i32 sums. The VNNI kernels take the `u8`
+//! codes as they are (`vpdpbusd` adds into i32 without saturating).
 //!
 //! Non-finite activations: a row holding NaN or ±∞ gives NaN in every output of that row (its
 //! other rows are unaffected); so does a finite row whose range `hi − lo` overflows f32
@@ -28,13 +39,14 @@
 //!
 //! Kernels, chosen once at run time (see [`Int8Kernel`]; `KB_INT8_KERNEL` forces one), each add
 //! the i32 sums of up to R rows × one panel over a block of input groups: portable Rust; AVX2
-//! (`vpmaddubsw` + `vpmaddwd` against ones); AVX-VNNI (`vpdpbusd` on ymm); AVX512-VNNI (`vpdpbusd`
-//! on zmm, one register per row). Integer sums are exact in every one, so all give bit-identical
-//! outputs. The tests compare every kernel the CPU reports against i64 sums, bit for bit. So far
-//! the portable and AVX2 kernels have run them (on Zen 3, natively and under `qemu-x86_64 -cpu
-//! max`); the two VNNI kernels have not run anywhere yet — QEMU's TCG (7.2 and 10.0) implements
-//! neither AVX-VNNI nor AVX-512 — and are checked the first time the tests run on a CPU with them
-//! (e.g. Ice Lake or Zen 4 and later for AVX512-VNNI, Alder Lake and later for AVX-VNNI).
+//! (`vpsignb` + `vpmaddubsw` + `vpmaddwd` against ones, on codes offset by −127, see above);
+//! AVX-VNNI (`vpdpbusd` on ymm); AVX512-VNNI (`vpdpbusd` on zmm, one register per row). Integer
+//! sums are exact in every one, so all give bit-identical outputs. The tests compare every kernel
+//! the CPU reports against i64 sums, bit for bit: the portable, AVX2 and AVX512-VNNI kernels have
+//! passed them natively (AVX2 on AMD EPYC Zen 3; portable, AVX2 and AVX512-VNNI on an AMD EPYC
+//! with AVX-512). The AVX-VNNI kernel (Intel Alder Lake and later; Sapphire Rapids has it beside
+//! AVX512-VNNI) has not met a CPU with it yet — QEMU's TCG (7.2 and 10.0) implements neither
+//! VNNI — and is checked the first time the tests run on one.
 //!
 //! Why: at decoding shapes (5 rows for one query's beams, 80 for 16 queries) the f32 product of
 //! [`super::packed`] is bound by reading its weights from memory; int8 codes are a quarter of the
@@ -61,9 +73,12 @@ use super::packed::{with_f32_slices, Epilogue, PANEL};
 /// Inputs per group: the 4 consecutive inputs whose products one `vpdpbusd` lane adds.
 pub const GROUP: usize = 4;
 
-/// The most inputs a weight may have: beyond it the i32 sums could overflow (127²·inputs must
-/// stay below 2³¹).
-pub const MAX_INPUTS: usize = i32::MAX as usize / (127 * 127);
+/// The most activation code (255 levels: `0..=254`).
+const MAX_CODE: u8 = 254;
+
+/// The most inputs a weight may have: beyond it the i32 sums could overflow (254·127·inputs
+/// must stay below 2³¹).
+pub const MAX_INPUTS: usize = i32::MAX as usize / (MAX_CODE as usize * 127);
 
 /// Environment variable that forces a kernel (`portable`, `avx2`, `avxvnni` or `avx512vnni`).
 pub const KERNEL_ENV: &str = "KB_INT8_KERNEL";
@@ -366,7 +381,7 @@ impl QuantizedWeight {
             return vec![0f32; rows * outputs];
         }
         let tile = kernel.tile();
-        let acts = Activations::quantize(x, rows, inputs);
+        let acts = Activations::quantize(x, rows, inputs, tile.code_offset);
         let stride = acts.stride;
         // Every element is written below (each task its panels' outputs of every row): no
         // zero-filling pass first.
@@ -401,7 +416,19 @@ impl QuantizedWeight {
                     }
                     let width = PANEL.min(outputs - p * PANEL);
                     let scale = &scales[p * PANEL..][..PANEL];
-                    let colsum = &colsums[p * PANEL..][..PANEL];
+                    let colsum: &[i32; PANEL] =
+                        colsums[p * PANEL..][..PANEL].try_into().expect("a panel");
+                    if tile.code_offset != 0 {
+                        // The kernel summed (xq − offset)·q: add offset·colsum back (exact).
+                        let offset = i32::from(tile.code_offset);
+                        for a in &mut acc {
+                            for a in a.iter_mut() {
+                                for (a, c) in a.iter_mut().zip(colsum) {
+                                    *a += offset * c;
+                                }
+                            }
+                        }
+                    }
                     let mut start = [0f32; PANEL];
                     if let Some(b) = bias {
                         start[..width].copy_from_slice(&b[p * PANEL..][..width]);
@@ -479,9 +506,10 @@ impl OutPtr {
     }
 }
 
-/// The rows of `x` quantized to 7-bit codes (see the module docs).
+/// The rows of `x` quantized to 8-bit codes (see the module docs).
 struct Activations {
-    /// `rows × stride` codes, each row padded with zeros.
+    /// `rows × stride` codes minus the kernel's code offset (wrapping), each row padded with
+    /// zeros (whatever the padding holds meets zero weight codes).
     codes: Vec<u8>,
     /// Codes per row: the inputs rounded up to a multiple of [`GROUP`].
     stride: usize,
@@ -490,8 +518,10 @@ struct Activations {
 }
 
 impl Activations {
-    /// Quantizes the `rows × inputs` values of `x`, rows in parallel when there are many.
-    fn quantize(x: &[f32], rows: usize, inputs: usize) -> Self {
+    /// Quantizes the `rows × inputs` values of `x`, rows in parallel when there are many,
+    /// storing each code minus `offset` (wrapping: a kernel that reads `i8` codes gets
+    /// `xq − 127` with offset 127).
+    fn quantize(x: &[f32], rows: usize, inputs: usize, offset: u8) -> Self {
         let stride = inputs.div_ceil(GROUP) * GROUP;
         let mut codes = vec![0u8; rows * stride];
         let mut params = vec![(0f32, 0f32); rows];
@@ -501,13 +531,13 @@ impl Activations {
                     .chunks_mut(stride)
                     .zip(x.chunks(inputs))
                     .zip(params.iter_mut());
-                work.for_each(|((c, x), p)| *p = quantize_row(x, c));
+                work.for_each(|((c, x), p)| *p = quantize_row(x, c, offset));
             } else {
                 codes
                     .par_chunks_mut(stride)
                     .zip(x.par_chunks(inputs))
                     .zip(params.par_iter_mut())
-                    .for_each(|((c, x), p)| *p = quantize_row(x, c));
+                    .for_each(|((c, x), p)| *p = quantize_row(x, c, offset));
             }
         }
         Self {
@@ -550,36 +580,37 @@ fn row_range(x: &[f32]) -> (f32, f32, f32) {
 }
 
 /// Quantizes one row of activations into `codes` (at least `x.len()` long; the rest is zeroed),
-/// returning `(s, lo)`: `(0, 0)` for an empty row, NaN for a row with a non-finite value or a
-/// range beyond f32.
+/// each code minus `offset` (wrapping), returning `(s, lo)`: `(0, 0)` for an empty row, NaN for
+/// a row with a non-finite value or a range beyond f32.
 #[inline(always)]
-fn quantize_row_body(x: &[f32], codes: &mut [u8]) -> (f32, f32) {
+fn quantize_row_body(x: &[f32], codes: &mut [u8], offset: u8) -> (f32, f32) {
     let (codes, padding) = codes.split_at_mut(x.len());
     padding.fill(0);
     if x.is_empty() {
         return (0.0, 0.0);
     }
     let (lo, hi, check) = row_range(x);
-    let s = (hi - lo) / 127.0;
+    let s = (hi - lo) / f32::from(MAX_CODE);
     if check != 0.0 || !s.is_finite() {
-        codes.fill(0);
+        codes.fill(0u8.wrapping_sub(offset));
         return (f32::NAN, f32::NAN);
     }
     if s == 0.0 {
-        // hi == lo (or a range too small to divide by 127): the row is `lo`.
-        codes.fill(0);
+        // hi == lo (or a range too small to divide by 254): the row is `lo`.
+        codes.fill(0u8.wrapping_sub(offset));
         return (0.0, lo);
     }
     for (c, &v) in codes.iter_mut().zip(x) {
-        // v − lo ≥ 0, so the conversion's saturation at 0 never acts; 127 is the clamp.
-        *c = ((v - lo) / s).round().min(127.0) as u8;
+        // v − lo ≥ 0, so the conversion's saturation at 0 never acts; 254 is the clamp.
+        let code = ((v - lo) / s).round().min(f32::from(MAX_CODE)) as u8;
+        *c = code.wrapping_sub(offset);
     }
     (s, lo)
 }
 
 crate::vector_math::dispatched! {
     /// Quantizes one row of activations (see [`quantize_row_body`]).
-    fn quantize_row(x: &[f32], codes: &mut [u8]) -> (f32, f32) = quantize_row_body;
+    fn quantize_row(x: &[f32], codes: &mut [u8], offset: u8) -> (f32, f32) = quantize_row_body;
 }
 
 /// An int8 product kernel. Each computes the same exact integer sums; they differ in the
@@ -588,8 +619,9 @@ crate::vector_math::dispatched! {
 pub enum Int8Kernel {
     /// Plain Rust loops that the compiler vectorises for the target: any CPU.
     Portable,
-    /// AVX2: `vpmaddubsw` (u7·i8 pairs to i16, never saturating) then `vpmaddwd` with ones
-    /// (to i32) and `vpaddd`; 6 rows × 16 outputs in 12 ymm accumulators.
+    /// AVX2: `vpsignb` and `vpmaddubsw` (`|q|·sign(xq − 127, q)` pairs to i16, never
+    /// saturating) then `vpmaddwd` with ones (to i32) and `vpaddd`, `127·colsum` added after;
+    /// 6 rows × 16 outputs in 12 ymm accumulators.
     Avx2,
     /// AVX-VNNI: `vpdpbusd` on ymm (four u8·i8 products added into each i32 lane); 6 rows.
     AvxVnni,
@@ -709,26 +741,31 @@ impl Int8Kernel {
             Int8Kernel::Portable => Tile {
                 rows: PORTABLE_ROWS,
                 add: portable_tile,
+                code_offset: 0,
             },
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Avx2 => Tile {
                 rows: x86::AVX2_ROWS,
                 add: x86::avx2_tile,
+                code_offset: x86::AVX2_CODE_OFFSET,
             },
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::AvxVnni => Tile {
                 rows: x86::AVXVNNI_ROWS,
                 add: x86::avxvnni_tile,
+                code_offset: 0,
             },
             #[cfg(target_arch = "x86_64")]
             Int8Kernel::Avx512Vnni => Tile {
                 rows: x86::AVX512VNNI_ROWS,
                 add: x86::avx512vnni_tile,
+                code_offset: 0,
             },
             #[cfg(not(target_arch = "x86_64"))]
             _ => Tile {
                 rows: PORTABLE_ROWS,
                 add: portable_tile,
+                code_offset: 0,
             },
         }
     }
@@ -738,15 +775,20 @@ impl Int8Kernel {
 type Acc = [[i32; PANEL]; MAX_TILE_ROWS];
 
 /// A tile kernel: for `rows` rows of activation codes (row `r` starts at `r·stride` in `xq`,
-/// `block.len()·GROUP` codes) and a block of a panel, adds `Σₖ xq[r][k]·q[j][k]` to `acc[r][j]`.
-/// Only called for kernels the CPU supports.
+/// `block.len()·GROUP` codes, stored minus the tile's [`Tile::code_offset`]) and a block of a
+/// panel, adds `Σₖ xq[r][k]·q[j][k]` to `acc[r][j]` — with the codes as stored: `u8` for an
+/// offset of 0, `i8` (`xq − 127`) for the AVX2 kernel's 127. Only called for kernels the CPU
+/// supports.
 type TileFn = fn(&[u8], usize, usize, &[Group], &mut Acc);
 
-/// A kernel's tile function and the most rows it takes.
+/// A kernel's tile function, the most rows it takes, and the offset its codes are stored at.
 #[derive(Clone, Copy)]
 struct Tile {
     rows: usize,
     add: TileFn,
+    /// Subtracted from every activation code before the tile reads it; the product adds
+    /// `code_offset·colsum_j` to the sums afterwards.
+    code_offset: u8,
 }
 
 /// Panics unless a kernel's arguments are in bounds: 1 to `max_rows` rows of
@@ -790,6 +832,8 @@ mod x86 {
 
     /// Rows per tile of the AVX2 kernel (2 ymm accumulators per row: 12 of 16 registers).
     pub(super) const AVX2_ROWS: usize = 6;
+    /// The AVX2 kernel reads codes `xq − 127` as `i8` (`-127..=127`: `vpsignb` keeps them so).
+    pub(super) const AVX2_CODE_OFFSET: u8 = 127;
     /// Rows per tile of the AVX-VNNI kernel (2 ymm accumulators per row).
     pub(super) const AVXVNNI_ROWS: usize = 6;
     /// Rows per tile of the AVX512-VNNI kernel (one zmm accumulator per row: 16 of 32).
@@ -823,8 +867,10 @@ mod x86 {
         }
     }
 
-    /// `R` rows × 16 outputs in 2·R registers; per group one panel load (two ymm) and per row
-    /// one 4-byte broadcast, two `vpmaddubsw`, two `vpmaddwd` and two adds.
+    /// `R` rows × 16 outputs in 2·R registers, on `i8` codes (`xq − 127`); per group one panel
+    /// load (two ymm) and its absolute values, and per row one 4-byte broadcast, two `vpsignb`
+    /// (the codes with the weights' signs: `|q|·sign(a, q) = a·q`), two `vpmaddubsw` (pairs of
+    /// `u8·i8` products, at most 2·127·127: no saturation), two `vpmaddwd` and two adds.
     #[target_feature(enable = "avx2")]
     unsafe fn avx2_rows<const R: usize>(xq: &[u8], stride: usize, block: &[Group], acc: &mut Acc) {
         let (xp, wp) = (xq.as_ptr(), block.as_ptr());
@@ -834,10 +880,13 @@ mod x86 {
             let w = wp.add(g).cast::<__m256i>();
             let w0 = _mm256_load_si256(w);
             let w1 = _mm256_load_si256(w.add(1));
+            let (u0, u1) = (_mm256_abs_epi8(w0), _mm256_abs_epi8(w1));
             for (r, s) in sums.iter_mut().enumerate() {
                 let a = _mm256_set1_epi32(codes4(xp, stride, r, g));
-                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(a, w0), ones);
-                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(a, w1), ones);
+                let a0 = _mm256_sign_epi8(a, w0);
+                let a1 = _mm256_sign_epi8(a, w1);
+                let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, a0), ones);
+                let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, a1), ones);
                 s[0] = _mm256_add_epi32(s[0], p0);
                 s[1] = _mm256_add_epi32(s[1], p1);
             }
@@ -1061,7 +1110,7 @@ mod tests {
         epilogue: Option<Epilogue>,
     ) -> Vec<f32> {
         let (_, scales, colsums) = w.view();
-        let acts = Activations::quantize(x, rows, w.inputs());
+        let acts = Activations::quantize(x, rows, w.inputs(), 0);
         let mut y = Vec::with_capacity(rows * w.outputs());
         for r in 0..rows {
             let (s, lo) = acts.params[r];
@@ -1202,7 +1251,7 @@ mod tests {
             values(&randn(1, 5, 1.0)),
         ];
         let x: Vec<f32> = rows.concat();
-        let acts = Activations::quantize(&x, rows.len(), 5);
+        let acts = Activations::quantize(&x, rows.len(), 5, 0);
         assert_eq!(acts.stride, 8);
         for (r, row) in rows.iter().enumerate() {
             let codes = &acts.codes[r * 8..][..8];
@@ -1216,30 +1265,34 @@ mod tests {
             let min = row.iter().copied().fold(f32::INFINITY, f32::min);
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             assert_eq!(lo, min);
-            assert_eq!(s, (max - min) / 127.0);
+            assert_eq!(s, (max - min) / 254.0);
             for (k, &v) in row.iter().enumerate() {
                 let want = if s == 0.0 {
                     0
                 } else {
-                    ((v - min) / s).round().clamp(0.0, 127.0) as u8
+                    ((v - min) / s).round().clamp(0.0, 254.0) as u8
                 };
                 assert_eq!(codes[k], want, "row {r} input {k}");
             }
         }
         assert_eq!(acts.params[1], (0.0, 3.0));
-        assert_eq!(&acts.codes[..5], &[0, 42, 64, 127, 85]);
-        // Half-way codes round up (away from zero): 1 − 0 over s = 2/127 is 63.5 steps.
-        let acts = Activations::quantize(&[0.0, 1.0, 2.0], 1, 3);
-        assert_eq!(&acts.codes[..3], &[0, 64, 127]);
+        assert_eq!(&acts.codes[..5], &[0, 85, 127, 254, 169]);
+        // Half-way codes round up (away from zero): 0.5 − 0 over s = 1 is half a step.
+        let acts = Activations::quantize(&[0.0, 0.5, 254.0], 1, 3, 0);
+        assert_eq!(&acts.codes[..3], &[0, 1, 254]);
+        // An offset is subtracted from every code, wrapping (the AVX2 kernel's i8 codes).
+        let shifted = Activations::quantize(&[0.0, 0.5, 254.0], 1, 3, 127);
+        assert_eq!(&shifted.codes[..3], &[129, 130, 127]); // −127, −126, 127 as i8
+        assert_eq!(shifted.params, acts.params);
         // Many rows take the parallel path, with the same result per row.
         let many = values(&randn(64, 600, 1.0));
-        let all = Activations::quantize(&many, 64, 600);
+        let all = Activations::quantize(&many, 64, 600, 0);
         for r in [0, 31, 63] {
-            let one = Activations::quantize(&many[r * 600..][..600], 1, 600);
+            let one = Activations::quantize(&many[r * 600..][..600], 1, 600, 0);
             assert_eq!(&all.codes[r * 600..][..600], &one.codes[..]);
             assert_eq!(all.params[r], one.params[0]);
         }
-        let empty = Activations::quantize(&[], 3, 0);
+        let empty = Activations::quantize(&[], 3, 0, 0);
         assert_eq!((empty.stride, empty.params), (0, vec![(0.0, 0.0); 3]));
     }
 
@@ -1281,7 +1334,8 @@ mod tests {
     }
 
     /// The tile kernels' i32 sums against i64 sums for every row count they take, on values at
-    /// the ends of the ranges (codes 127 and ±127), one block deep.
+    /// the ends of the ranges (activation codes 0 and 254, weight codes ±127 and −128), one block
+    /// deep, each kernel reading the codes as it stores them (`xq − offset`).
     #[test]
     fn tile_sums_are_exact() {
         let groups = DEPTH_GROUPS;
@@ -1301,25 +1355,35 @@ mod tests {
             .collect();
         let stride = groups * GROUP + 12;
         let xq: Vec<u8> = (0..MAX_TILE_ROWS * stride)
-            .map(|i| {
-                if i % 3 == 0 {
-                    127
-                } else {
-                    (i * 13 % 128) as u8
-                }
+            .map(|i| match i % 4 {
+                0 => MAX_CODE,
+                1 => 0,
+                _ => (i * 13 % (usize::from(MAX_CODE) + 1)) as u8,
             })
             .collect();
         for k in Int8Kernel::supported() {
             let tile = k.tile();
+            // The codes as the kernel reads them: u8, or i8 `xq − 127`.
+            let stored: Vec<u8> = xq
+                .iter()
+                .map(|c| c.wrapping_sub(tile.code_offset))
+                .collect();
+            let read = |c: u8| -> i64 {
+                if tile.code_offset == 0 {
+                    i64::from(c)
+                } else {
+                    i64::from(c as i8)
+                }
+            };
             for rows in 1..=tile.rows {
                 let mut acc = [[7i32; PANEL]; MAX_TILE_ROWS];
-                (tile.add)(&xq, stride, rows, &block, &mut acc);
+                (tile.add)(&stored, stride, rows, &block, &mut acc);
                 for (r, a) in acc.iter().enumerate() {
                     for (j, &a) in a.iter().enumerate() {
                         let want: i64 = if r < rows {
                             7 + (0..groups * GROUP)
                                 .map(|i| {
-                                    i64::from(xq[r * stride + i])
+                                    read(stored[r * stride + i])
                                         * i64::from(block[i / GROUP].0[j * GROUP + i % GROUP])
                                 })
                                 .sum::<i64>()
