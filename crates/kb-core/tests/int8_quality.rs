@@ -1,6 +1,6 @@
 //! Quality guard of int8 inference: the same model extracts keywords with f32 weights, with int8
 //! weights ([`Quantization::Int8`]) and with bf16 weights; int8 must change the keyword set of
-//! no more rows than bf16 inference does (plus one row in a hundred), and its micro F1 against
+//! no more rows than bf16 inference does (plus two rows in a hundred), and its micro F1 against
 //! the gold keywords must stay within half a point of f32's.
 //!
 //! Why against bf16 and not a fixed share: how many rows any rounding changes depends on the
@@ -28,8 +28,9 @@ use kb_core::eval::{evaluate, keyword_set, Matching};
 use kb_core::train::{train, InitMode, RunOptions, TrainSettings};
 use kb_core::{KeywordModel, LoadOptions, Quantization};
 
-/// How many more rows (a share of all) int8 may change than bf16 weights do.
-const MARGIN_OVER_BF16: f64 = 0.01;
+/// How many more rows (a share of all) int8 may change than bf16 weights do: about the sampling
+/// noise of the difference on a few hundred rows where each changes ~5% of them (σ ≈ 1.5%).
+const MARGIN_OVER_BF16: f64 = 0.02;
 /// The largest micro-F1 difference allowed (half a point).
 const MAX_F1_DIFFERENCE: f64 = 0.005;
 
@@ -84,8 +85,8 @@ fn train_small_model(dir: &Path) -> PathBuf {
 }
 
 /// Rows of the small model's training slice, and its epochs.
-const TRAIN_ROWS: usize = 2000;
-const EPOCHS: usize = 6;
+const TRAIN_ROWS: usize = 3000;
+const EPOCHS: usize = 8;
 /// Validation rows the small model is compared on.
 const COMPARED_ROWS: usize = 400;
 
