@@ -36,9 +36,16 @@ rm -rf "$run"
 echo "== export the best checkpoint"
 "$bin"/kb-export --best "$run" --output_dir "$model" --force
 
-echo "== evaluate on data/test.tsv"
-"$bin"/kb-eval --model "$model" --data data/test.tsv --synonyms configs/synonyms.tsv \
-    --report "$run/misses.tsv" --json | tee "$run/eval.json"
+echo "== evaluate on data/test.tsv (held out by topic) and data/wild.tsv, free and grounded"
+for split in test wild; do
+    for mode in free grounded; do
+        grounded=()
+        [[ $mode == grounded ]] && grounded=(--grounded)
+        echo "-- $split, $mode"
+        "$bin"/kb-eval --model "$model" --data "data/$split.tsv" --synonyms configs/synonyms.tsv \
+            "${grounded[@]}" --report "$run/misses-$split-$mode.tsv" | tee "$run/eval-$split-$mode.txt"
+    done
+done
 
 echo "== serve"
 "$bin"/kb-serve --model "$model" --port "$serve_port" > "$run/serve.log" 2>&1 &
@@ -57,7 +64,7 @@ echo "$answer" | grep -q '"result"' || { echo "kb-serve did not answer" >&2; exi
 echo
 echo "quickstart done in $(( $(date +%s) - start )) s"
 echo "  model:     $model"
-echo "  metrics:   $run/metrics.jsonl, loss curve $run/loss.svg, evaluation $run/eval.json"
+echo "  metrics:   $run/metrics.jsonl, loss curve $run/loss.svg, evaluation $run/eval-*.txt"
 echo "  kb-serve:  http://127.0.0.1:$serve_port/keyword_extract"
 echo "  demo page: http://127.0.0.1:$demo_port/"
 if [[ $wait_forever == 1 ]]; then
