@@ -4,9 +4,9 @@
 # start kb-serve and kb-demo and print their URLs.
 #
 #   scripts/quickstart.sh                 # full CPU recipe (configs/quickstart-cpu.toml)
-#   QUICKSTART_EPOCHS=1 scripts/quickstart.sh --no-wait    # shortened (CI): check, then stop
+#   QUICKSTART_MAX_STEPS=300 scripts/quickstart.sh --no-wait    # shortened (CI): check, then stop
 #
-# Environment: QUICKSTART_EPOCHS (override max_epochs), QUICKSTART_RUN (run folder, default
+# Environment: QUICKSTART_EPOCHS (override max_epochs), QUICKSTART_MAX_STEPS (stop after N steps), QUICKSTART_RUN (run folder, default
 # runs/quickstart), KB_SERVE_PORT (8459), KB_DEMO_PORT (8501), KB_PROFILE (release, or dev to
 # reuse the binaries `cargo test` built, as CI does).
 # --no-wait: after checking that the server answers /keyword_extract, stop both servers and exit.
@@ -21,6 +21,7 @@ serve_port="${KB_SERVE_PORT:-8459}"
 demo_port="${KB_DEMO_PORT:-8501}"
 epochs_flag=()
 [[ -n "${QUICKSTART_EPOCHS:-}" ]] && epochs_flag=(--max_epochs "$QUICKSTART_EPOCHS")
+[[ -n "${QUICKSTART_MAX_STEPS:-}" ]] && epochs_flag+=(--max_steps "$QUICKSTART_MAX_STEPS")
 
 profile="${KB_PROFILE:-release}"
 if [[ $profile == release ]]; then bin=target/release; build=(--release); else bin=target/debug; build=(); fi
