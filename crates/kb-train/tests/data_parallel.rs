@@ -23,24 +23,7 @@ fn dp_workspace(n_train: usize, n_test: usize) -> tempfile::TempDir {
 }
 
 fn kb_train(dir: &Path, extra: &[&str]) -> Output {
-    let mut args: Vec<&str> = vec![
-        "--init",
-        "scratch",
-        "--model_config",
-        "model.json",
-        "--tokenizer_vocab_size",
-        "300",
-        "--train_file",
-        "train.tsv",
-        "--test_file",
-        "test.tsv",
-        "--max_len",
-        "48",
-        "--lr",
-        "3e-3",
-        "--num_workers",
-        "1",
-    ];
+    let mut args: Vec<&str> = SCRATCH_FLAGS.to_vec();
     args.extend_from_slice(extra);
     run_kb_train(dir, &args)
 }

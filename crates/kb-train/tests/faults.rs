@@ -19,26 +19,8 @@ const TINY_MODEL: &str = r#"{"d_model": 32, "encoder_layers": 1, "decoder_layers
     "decoder_ffn_dim": 64, "max_position_embeddings": 64, "dropout": 0.1}"#;
 
 fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "--init",
-        "scratch",
-        "--model_config",
-        "model.json",
-        "--tokenizer_vocab_size",
-        "300",
-        "--train_file",
-        "train.tsv",
-        "--test_file",
-        "test.tsv",
-        "--max_len",
-        "48",
-        "--lr",
-        "3e-3",
-        "--num_workers",
-        "1",
-        "--batch_size",
-        "8",
-    ];
+    let mut v = SCRATCH_FLAGS.to_vec();
+    v.extend_from_slice(&["--batch_size", "8"]);
     v.extend_from_slice(extra);
     v
 }

@@ -193,25 +193,6 @@ fn data_parallel_workers_stop_after_the_same_step() {
 // ---------------------------------------------------------------------------------------------
 // Through the binary: signals.
 
-const FLAGS: [&str; 16] = [
-    "--init",
-    "scratch",
-    "--model_config",
-    "model.json",
-    "--tokenizer_vocab_size",
-    "300",
-    "--train_file",
-    "train.tsv",
-    "--test_file",
-    "test.tsv",
-    "--max_len",
-    "48",
-    "--lr",
-    "3e-3",
-    "--num_workers",
-    "1",
-];
-
 /// kb-train running in the background, its stderr collected.
 struct Running {
     child: Child,
@@ -223,7 +204,7 @@ impl Running {
     fn start(dir: &Path, args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kb-train"))
             .current_dir(dir)
-            .args(FLAGS)
+            .args(SCRATCH_FLAGS)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -381,7 +362,7 @@ fn signal_then_resume(signal: i32, name: &str, extra: &[&str]) {
     assert_eq!(trainer_state(&split)["global_step"], 60);
     ok(&run_kb_train(
         dir.path(),
-        &[&FLAGS[..], &args("full")].concat(),
+        &[&SCRATCH_FLAGS[..], &args("full")].concat(),
     ));
     let full = dir.path().join("full");
     assert_same_losses(&full, &split, "train_loss", 1e-6);

@@ -24,6 +24,27 @@ pub fn workspace(n_train: usize, n_test: usize, model_json: &str) -> tempfile::T
     dir
 }
 
+/// kb-train flags for a from-scratch run on the files [`workspace`] writes (a tokenizer of 300
+/// tokens, `model.json`, rows of at most 48 tokens, one worker).
+pub const SCRATCH_FLAGS: [&str; 16] = [
+    "--init",
+    "scratch",
+    "--model_config",
+    "model.json",
+    "--tokenizer_vocab_size",
+    "300",
+    "--train_file",
+    "train.tsv",
+    "--test_file",
+    "test.tsv",
+    "--max_len",
+    "48",
+    "--lr",
+    "3e-3",
+    "--num_workers",
+    "1",
+];
+
 /// Runs the kb-train binary in `dir` with `args`.
 pub fn run_kb_train(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kb-train"))
