@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
@@ -14,7 +13,7 @@ use crate::keywords::split_keywords;
 use crate::model::{Bart, Quantization};
 use crate::source::ModelSource;
 use crate::tokenizer::KoTokenizer;
-use crate::weights::{load_checked, LoadReport, WeightFiles};
+use crate::weights::{LazyWeights, LoadReport, WeightFiles};
 
 /// The file of a model folder that lists its derived terms (see [`DerivedTerms`]).
 pub const DERIVED_TERMS_FILE: &str = "derived_terms.tsv";
@@ -135,8 +134,10 @@ impl KeywordModel {
             )));
         }
         let files = WeightFiles::find(dir)?;
-        let (tensors, report) = load_checked(&files, &config, dtype, device)?;
-        let vb = VarBuilder::from_tensors(tensors, dtype, device);
+        // Read lazily: each layer's weights are packed or quantized as soon as it is built.
+        let weights = LazyWeights::open(&files, &config)?;
+        let report = weights.report().clone();
+        let vb = weights.into_var_builder(dtype, device);
         let mut model = Bart::load_quantized(&config, vb, options.quantization)?;
         model.set_kv_cache_dtype(options.kv_cache_dtype)?;
         let terms_path = dir.join(DERIVED_TERMS_FILE);

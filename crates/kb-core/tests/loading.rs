@@ -181,6 +181,95 @@ fn sharded_safetensors_load() {
     assert_eq!(max_abs_diff(&x, &y), 0.0);
 }
 
+/// Inference reads weights lazily (`LazyWeights`, one tensor when its layer is built) and
+/// training eagerly (`load_checked`): both must give every expected tensor the same values, fill
+/// the same tensors and report the same unused ones, for each checkpoint layout.
+#[test]
+fn lazily_read_weights_equal_eagerly_read_ones() {
+    use kb_core::candle_nn::var_builder::SimpleBackend;
+    use kb_core::weights::{load_checked, LazyWeights, WeightFiles};
+
+    let bare_names = |t: &mut HashMap<String, Tensor>| {
+        // A bare BartModel's names, its tied copies present and no shared or bias entry.
+        let shared = t.remove("model.shared.weight").unwrap();
+        t.remove("final_logits_bias");
+        *t = t
+            .drain()
+            .map(|(n, v)| (n.trim_start_matches("model.").to_string(), v))
+            .collect();
+        t.insert("encoder.embed_tokens.weight".into(), shared.clone());
+        t.insert("decoder.embed_tokens.weight".into(), shared);
+        t.insert(
+            "unused.extra".into(),
+            Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+        );
+    };
+    type Edit = Box<dyn Fn(&mut HashMap<String, Tensor>)>;
+    let layouts: [(&str, Edit); 3] = [
+        ("as written by transformers", Box::new(|_| {})),
+        ("bare BartModel names", Box::new(bare_names)),
+        (
+            "f16 with the embedding only as lm_head",
+            Box::new(|t| {
+                let shared = t.remove("model.shared.weight").unwrap();
+                t.insert("lm_head.weight".into(), shared);
+                for v in t.values_mut() {
+                    *v = v.to_dtype(DType::F16).unwrap();
+                }
+            }),
+        ),
+    ];
+    let cfg = BartConfig::from_file(&fixture("tiny-kobart").join("config.json")).unwrap();
+    for (layout, edit) in layouts {
+        let dir = copy_fixture("tiny-kobart", |f| f == "pytorch_model.bin");
+        rewrite_safetensors(dir.path(), edit);
+        let files = WeightFiles::find(dir.path()).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let (eager, eager_report) = load_checked(&files, &cfg, dtype, &Device::Cpu).unwrap();
+            let lazy = LazyWeights::open(&files, &cfg).unwrap();
+            assert_eq!(lazy.report().filled, eager_report.filled, "{layout}");
+            assert_eq!(
+                lazy.report().unexpected,
+                eager_report.unexpected,
+                "{layout}"
+            );
+            for (name, shape) in expected_tensors(&cfg) {
+                let want = &eager[&name];
+                let got = lazy
+                    .get(
+                        shape.as_slice().into(),
+                        &name,
+                        Default::default(),
+                        dtype,
+                        &Device::Cpu,
+                    )
+                    .unwrap();
+                assert_eq!(got.dtype(), dtype, "{layout}: {name}");
+                assert_eq!(got.dims(), want.dims(), "{layout}: {name}");
+                assert_eq!(max_abs_diff(&got, want), 0.0, "{layout}: {name}");
+                // Read twice (its pages were released after the first read): the same values.
+                let again = lazy.get_unchecked(&name, dtype, &Device::Cpu).unwrap();
+                assert_eq!(max_abs_diff(&again, want), 0.0, "{layout}: {name} again");
+            }
+        }
+    }
+}
+
+/// A safetensors file cut short is refused when the folder is opened, naming the file and a
+/// tensor, before any layer is built.
+#[test]
+fn a_truncated_safetensors_file_is_refused_when_opened() {
+    let dir = copy_fixture("tiny-kobart", |f| f == "pytorch_model.bin");
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+    let err = load_err(dir.path());
+    assert!(
+        err.contains("model.safetensors: cannot read weights"),
+        "{err}"
+    );
+}
+
 #[test]
 fn tensor_names_match_what_transformers_writes() {
     let golden: serde_json::Value = serde_json::from_str(

@@ -86,7 +86,7 @@ struct Embeddings {
 }
 
 impl Embeddings {
-    fn load(cfg: &BartConfig, shared: &Tensor, vb: &VarBuilder) -> candle_core::Result<Self> {
+    fn load(cfg: &BartConfig, tokens: VocabMatrix, vb: &VarBuilder) -> candle_core::Result<Self> {
         let positions = vb.get_with_hints(
             (cfg.position_table_rows(), cfg.d_model),
             "embed_positions.weight",
@@ -101,7 +101,7 @@ impl Embeddings {
             None
         };
         Ok(Self {
-            tokens: VocabMatrix::Dense(shared.clone()),
+            tokens,
             positions,
             layernorm,
             scale: cfg.embed_scale(),
@@ -168,6 +168,13 @@ impl EncoderLayer {
             dropout: cfg.dropout,
             pre_ln: cfg.pre_layer_norm(),
         })
+    }
+
+    /// Fuses the self-attention projections and packs (or quantizes) every frozen matrix.
+    fn prepare_inference(&mut self, quantization: Quantization) -> candle_core::Result<()> {
+        self.self_attn.fuse_projections()?;
+        self.self_attn.prepare_inference(quantization)?;
+        self.ffn.prepare_inference(quantization)
     }
 
     fn forward(
@@ -286,6 +293,14 @@ impl DecoderLayer {
 
     /// Self-attention sub-block. Without a cache `x` attends to itself (under `mask`); with one,
     /// `x`'s keys/values are appended to it and `x` attends to everything cached.
+    /// Fuses the self-attention projections and packs (or quantizes) every frozen matrix.
+    fn prepare_inference(&mut self, quantization: Quantization) -> candle_core::Result<()> {
+        self.self_attn.fuse_projections()?;
+        self.self_attn.prepare_inference(quantization)?;
+        self.encoder_attn.prepare_inference(quantization)?;
+        self.ffn.prepare_inference(quantization)
+    }
+
     fn self_block(
         &self,
         x: &Tensor,
@@ -566,8 +581,20 @@ impl Bart {
             mean: 0.0,
             stdev: cfg.init_std,
         };
+        // Each weight matrix is replaced by its packed or int8 form as soon as its layer is
+        // built: with a lazily reading builder (`weights::LazyWeights`) only one layer's loaded
+        // weights are resident at a time.
         let shared =
             vb.get_with_hints((cfg.vocab_size, cfg.d_model), "model.shared.weight", init)?;
+        let tokens = VocabMatrix::for_inference(&shared, quantization)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            tokens.clone()
+        } else {
+            let lm_head =
+                vb.get_with_hints((cfg.vocab_size, cfg.d_model), "lm_head.weight", init)?;
+            VocabMatrix::for_inference(&lm_head, quantization)?
+        };
+        drop(shared);
         let enc_vb = vb.pp("model.encoder");
         let dec_vb = vb.pp("model.decoder");
         let final_norm = |vb: &VarBuilder| -> candle_core::Result<Option<LayerNorm>> {
@@ -577,26 +604,29 @@ impl Bart {
                 Ok(None)
             }
         };
-        let mut encoder = Encoder {
-            embeddings: Embeddings::load(cfg, &shared, &enc_vb)?,
+        let encoder = Encoder {
+            embeddings: Embeddings::load(cfg, tokens.clone(), &enc_vb)?,
             layers: (0..cfg.encoder_layers)
-                .map(|i| EncoderLayer::load(cfg, enc_vb.pp(format!("layers.{i}"))))
+                .map(|i| {
+                    let mut layer = EncoderLayer::load(cfg, enc_vb.pp(format!("layers.{i}")))?;
+                    layer.prepare_inference(quantization)?;
+                    Ok(layer)
+                })
                 .collect::<candle_core::Result<_>>()?,
             final_norm: final_norm(&enc_vb)?,
             dropout: cfg.dropout,
         };
-        let mut decoder = Decoder {
-            embeddings: Embeddings::load(cfg, &shared, &dec_vb)?,
+        let decoder = Decoder {
+            embeddings: Embeddings::load(cfg, tokens, &dec_vb)?,
             layers: (0..cfg.decoder_layers)
-                .map(|i| DecoderLayer::load(cfg, dec_vb.pp(format!("layers.{i}"))))
+                .map(|i| {
+                    let mut layer = DecoderLayer::load(cfg, dec_vb.pp(format!("layers.{i}")))?;
+                    layer.prepare_inference(quantization)?;
+                    Ok(layer)
+                })
                 .collect::<candle_core::Result<_>>()?,
             final_norm: final_norm(&dec_vb)?,
             dropout: cfg.dropout,
-        };
-        let lm_head = if cfg.tie_word_embeddings {
-            shared.clone()
-        } else {
-            vb.get_with_hints((cfg.vocab_size, cfg.d_model), "lm_head.weight", init)?
         };
         let final_logits_bias = vb.get_with_hints(
             (1, cfg.vocab_size),
@@ -604,32 +634,6 @@ impl Bart {
             candle_nn::Init::Const(0.0),
         )?;
         let (dtype, device) = (vb.dtype(), vb.device().clone());
-        // The builder holds the loaded tensors: dropped first, each layer's separate q/k/v
-        // weights are freed as soon as their stacked copy replaces them, and each loaded weight
-        // as soon as its packed form replaces it (one matrix's worth of extra memory at a time).
-        drop((vb, enc_vb, dec_vb));
-        let lm_head = {
-            let tokens = VocabMatrix::for_inference(&shared, quantization)?;
-            encoder.embeddings.tokens = tokens.clone();
-            decoder.embeddings.tokens = tokens.clone();
-            if cfg.tie_word_embeddings {
-                tokens
-            } else {
-                VocabMatrix::for_inference(&lm_head, quantization)?
-            }
-        };
-        drop(shared);
-        for layer in &mut encoder.layers {
-            layer.self_attn.fuse_projections()?;
-            layer.self_attn.prepare_inference(quantization)?;
-            layer.ffn.prepare_inference(quantization)?;
-        }
-        for layer in &mut decoder.layers {
-            layer.self_attn.fuse_projections()?;
-            layer.self_attn.prepare_inference(quantization)?;
-            layer.encoder_attn.prepare_inference(quantization)?;
-            layer.ffn.prepare_inference(quantization)?;
-        }
         let logits_bias_is_zero = !final_logits_bias.is_variable()
             && final_logits_bias
                 .to_dtype(DType::F32)?

@@ -15,6 +15,10 @@ use candle_core::{DType, Device, Tensor};
 use crate::config::BartConfig;
 use crate::error::{Error, Result};
 
+mod lazy;
+
+pub use lazy::LazyWeights;
+
 /// The on-disk weight layouts we read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WeightFormat {
@@ -198,11 +202,7 @@ pub fn canonical_name(name: &str) -> String {
 pub fn read_tensors(files: &WeightFiles) -> Result<Vec<(String, Tensor)>> {
     let mut all = Vec::new();
     for file in &files.files {
-        let is_safetensors = file
-            .extension()
-            .map(|e| e == "safetensors")
-            .unwrap_or(false);
-        let tensors = if is_safetensors {
+        let tensors = if is_safetensors(file) {
             read_safetensors(file)
         } else {
             candle_core::pickle::read_all(file).map_err(|e| e.to_string())
@@ -211,6 +211,13 @@ pub fn read_tensors(files: &WeightFiles) -> Result<Vec<(String, Tensor)>> {
         all.extend(tensors);
     }
     Ok(all)
+}
+
+/// Whether `path` is a safetensors file (by its extension, as transformers decides).
+fn is_safetensors(path: &Path) -> bool {
+    path.extension()
+        .map(|e| e == "safetensors")
+        .unwrap_or(false)
 }
 
 /// Reads a safetensors file tensor by tensor, holding at most one tensor's bytes of the file
@@ -282,7 +289,51 @@ pub fn check_tensors(
     for (name, t) in raw {
         found.insert(canonical_name(&name), t);
     }
+    let shapes = found
+        .iter()
+        .map(|(name, t)| (name.clone(), t.dims().to_vec()))
+        .collect();
+    let resolution = resolve_tensors(&shapes, cfg, source)?;
+    let mut out = HashMap::new();
+    for (name, origin) in resolution.origins {
+        let t = match origin {
+            TensorOrigin::File(stored) => found[&stored].clone(),
+            TensorOrigin::Zeros(shape) => Tensor::zeros(shape, DType::F32, &Device::Cpu)?,
+        };
+        out.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+    }
+    Ok((out, resolution.report))
+}
+
+/// Where an expected tensor's values come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TensorOrigin {
+    /// The checkpoint tensor of this canonical name (the tensor itself or its tied twin).
+    File(String),
+    /// Zeros of this shape (a missing `final_logits_bias`, as transformers fills it).
+    Zeros(Vec<usize>),
+}
+
+/// The outcome of matching a checkpoint's tensor names and shapes against the config.
+#[derive(Debug, Clone)]
+pub(crate) struct Resolution {
+    /// Every expected tensor (see [`expected_tensors`]) with its origin.
+    pub origins: Vec<(String, TensorOrigin)>,
+    /// What was filled in and what is left unused.
+    pub report: LoadReport,
+}
+
+/// Decides, from names and shapes alone, where every tensor `cfg` needs comes from.
+///
+/// `found` maps canonical checkpoint names (see [`canonical_name`]) to shapes. Errors name every
+/// missing tensor and any tensor with a wrong shape; `source` names the checkpoint in them.
+pub(crate) fn resolve_tensors(
+    found: &HashMap<String, Vec<usize>>,
+    cfg: &BartConfig,
+    source: &str,
+) -> Result<Resolution> {
     let mut report = LoadReport::default();
+    let mut unused: std::collections::HashSet<&str> = found.keys().map(String::as_str).collect();
 
     // Tied embeddings: transformers ties encoder/decoder embed_tokens (and lm_head when
     // tie_word_embeddings) to model.shared, whichever of them the file holds.
@@ -293,47 +344,47 @@ pub fn check_tensors(
     if cfg.tie_word_embeddings {
         twins.push("lm_head.weight");
     }
-    if !found.contains_key("model.shared.weight") {
+    let mut shared_from = "model.shared.weight";
+    if !found.contains_key(shared_from) {
         if let Some(twin) = twins.iter().find(|t| found.contains_key(**t)) {
-            let t = found[*twin].clone();
-            found.insert("model.shared.weight".into(), t);
+            shared_from = twin;
             report
                 .filled
                 .push(format!("model.shared.weight (from {twin})"));
         }
     }
     for twin in &twins {
-        found.remove(*twin);
+        unused.remove(*twin);
     }
     // Zeros of `vocab_size` only for an embedding of that many rows: `vocab_size` is what the
     // config says, and a wrong (say, astronomical) one is reported below as the embedding's
     // shape, not allocated.
-    let shared_rows = found
-        .get("model.shared.weight")
-        .and_then(|t| t.dims().first().copied());
-    if !found.contains_key("final_logits_bias") && shared_rows == Some(cfg.vocab_size) {
-        found.insert(
-            "final_logits_bias".into(),
-            Tensor::zeros((1, cfg.vocab_size), DType::F32, &Device::Cpu)?,
-        );
+    let shared_rows = found.get(shared_from).and_then(|s| s.first().copied());
+    let fill_logits_bias =
+        !found.contains_key("final_logits_bias") && shared_rows == Some(cfg.vocab_size);
+    if fill_logits_bias {
         report.filled.push("final_logits_bias (zeros)".into());
     }
 
-    let expected = expected_tensors(cfg);
     let mut missing = Vec::new();
     let mut wrong = Vec::new();
-    let mut out = HashMap::new();
-    for (name, shape) in &expected {
-        match found.remove(name) {
-            None => missing.push(name.clone()),
-            Some(t) if t.dims() != shape.as_slice() => wrong.push(format!(
-                "{name}: expected shape {shape:?}, found {:?}",
-                t.dims()
-            )),
-            Some(t) => {
-                let t = t.to_dtype(dtype)?.to_device(device)?;
-                out.insert(name.clone(), t);
+    let mut origins = Vec::new();
+    for (name, shape) in expected_tensors(cfg) {
+        let stored = if name == "model.shared.weight" {
+            shared_from.to_string()
+        } else {
+            name.clone()
+        };
+        unused.remove(stored.as_str());
+        match found.get(&stored) {
+            None if name == "final_logits_bias" && fill_logits_bias => {
+                origins.push((name, TensorOrigin::Zeros(shape)));
             }
+            None => missing.push(name),
+            Some(dims) if *dims != shape => {
+                wrong.push(format!("{name}: expected shape {shape:?}, found {dims:?}"))
+            }
+            Some(_) => origins.push((name, TensorOrigin::File(stored))),
         }
     }
     if !wrong.is_empty() {
@@ -354,10 +405,10 @@ pub fn check_tensors(
             shown.join(", ")
         )));
     }
-    let mut unexpected: Vec<String> = found.into_keys().collect();
+    let mut unexpected: Vec<String> = unused.into_iter().map(String::from).collect();
     unexpected.sort();
     report.unexpected = unexpected;
-    Ok((out, report))
+    Ok(Resolution { origins, report })
 }
 
 /// Writes tensors as `model.safetensors` the way transformers does: names sorted, with the
