@@ -37,6 +37,7 @@ use std::time::Instant;
 use kb_core::candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use kb_core::candle_core::{Device, Module, Result, Tensor};
 use kb_core::model::packed::PackedWeight;
+use kb_core::model::panel_product::KernelFamily;
 use kb_core::model::quantized::{Int8Kernel, QuantizedWeight};
 
 /// Bytes of f32 weights each pass reads at least (beyond any L3 cache).

@@ -5,6 +5,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod options;
 pub mod packed;
+pub mod panel_product;
 pub mod quantized;
 pub mod step_attention;
 

@@ -40,6 +40,10 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::panel_product::{
+    check_operands, product_by_panels, selected_kernel, tile_span, KernelFamily,
+};
+
 /// Output features per panel.
 pub const PANEL: usize = 16;
 
@@ -250,24 +254,7 @@ impl PackedWeight {
         bias: Option<&[f32]>,
         epilogue: Option<Epilogue>,
     ) -> candle_core::Result<Vec<f32>> {
-        let (rows, inputs) = x.dims2()?;
-        if inputs != self.inputs {
-            candle_core::bail!(
-                "packed linear: input {:?} does not match weight ({}, {})",
-                x.dims(),
-                self.outputs,
-                self.inputs
-            );
-        }
-        if let Some(b) = bias {
-            if b.len() != self.outputs {
-                candle_core::bail!(
-                    "packed linear: {} bias values for {} outputs",
-                    b.len(),
-                    self.outputs
-                );
-            }
-        }
+        let rows = check_operands("packed linear", x, self.outputs, self.inputs, bias)?;
         let kernel = F32Kernel::selected()?;
         with_contiguous_f32(x, |x| Ok(self.product(x, rows, bias, kernel, epilogue)))
     }
@@ -283,77 +270,43 @@ impl PackedWeight {
         epilogue: Option<Epilogue>,
     ) -> Vec<f32> {
         let (outputs, inputs) = (self.outputs, self.inputs);
-        if rows == 0 || outputs == 0 {
-            return vec![0f32; rows * outputs];
-        }
         let tile = kernel.tile();
-        // Every element is written below (each task its panels' outputs of every row): no
-        // zero-filling pass first.
-        let mut y = Vec::<f32>::with_capacity(rows * outputs);
+        let tiles = rows.div_ceil(tile.rows).max(1);
         let panels = self.panels();
-        let panel_count = outputs.div_ceil(PANEL);
-        // A few chunks of panels per thread: every core busy, no synchronisation inside.
-        let chunk = panel_count
-            .div_ceil(2 * rayon::current_num_threads())
-            .max(1);
-        let out = OutPtr(y.as_mut_ptr());
-        (0..panel_count.div_ceil(chunk))
-            .into_par_iter()
-            .for_each(|c| {
-                let tiles = rows.div_ceil(tile.rows);
-                let mut acc = vec![[0f32; MAX_TILE_ROWS * PANEL]; tiles];
-                for p in c * chunk..((c + 1) * chunk).min(panel_count) {
-                    let panel = &panels[p * inputs * PANEL..][..inputs * PANEL];
-                    let width = PANEL.min(outputs - p * PANEL);
-                    let mut start = [0f32; PANEL];
-                    if let Some(b) = bias {
-                        start[..width].copy_from_slice(&b[p * PANEL..][..width]);
-                    }
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let (_, tile_rows) = tile_span(rows, tiles, t);
-                        for r in a.chunks_exact_mut(PANEL).take(tile_rows) {
-                            r.copy_from_slice(&start);
-                        }
-                    }
-                    // The panel in blocks of DEPTH inputs: one block stays in L1 across tiles.
-                    for k0 in (0..inputs).step_by(DEPTH) {
-                        let depth = DEPTH.min(inputs - k0);
-                        let block = &panel[k0 * PANEL..][..depth * PANEL];
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let (r0, tile_rows) = tile_span(rows, tiles, t);
-                            let xs = &x[r0 * inputs + k0..][..(tile_rows - 1) * inputs + depth];
-                            (tile.add)(xs, inputs, tile_rows, depth, block, a);
-                        }
-                    }
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let (r0, tile_rows) = tile_span(rows, tiles, t);
-                        if let Some(epilogue) = epilogue {
-                            epilogue(&mut a[..tile_rows * PANEL]);
-                        }
-                        for r in 0..tile_rows {
-                            let src = &a[r * PANEL..][..PANEL];
-                            let dst = out.add((r0 + r) * outputs + p * PANEL);
-                            // SAFETY: `y` has room for `rows × outputs` values and outlives the
-                            // loop; this task alone writes outputs `p·PANEL ..+ width` (its own
-                            // panels) of row `r0 + r`, which lie inside it. A whole panel is
-                            // copied as one fixed-size block (two vector moves, not a `memcpy`
-                            // call per row and panel).
-                            unsafe {
-                                if width == PANEL {
-                                    dst.cast::<[f32; PANEL]>()
-                                        .write_unaligned(src.try_into().expect("a panel row"));
-                                } else {
-                                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst, width);
-                                }
-                            }
-                        }
+        product_by_panels(
+            rows,
+            outputs,
+            epilogue,
+            || vec![[0f32; MAX_TILE_ROWS * PANEL]; tiles],
+            |acc, out| {
+                let p = out.panel();
+                let panel = &panels[p * inputs * PANEL..][..inputs * PANEL];
+                let mut start = [0f32; PANEL];
+                if let Some(b) = bias {
+                    start[..out.width()].copy_from_slice(&b[p * PANEL..][..out.width()]);
+                }
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let (_, tile_rows) = tile_span(rows, tiles, t);
+                    for r in a.chunks_exact_mut(PANEL).take(tile_rows) {
+                        r.copy_from_slice(&start);
                     }
                 }
-            });
-        // SAFETY: the panels cover outputs `0..outputs` and every task wrote its panels'
-        // outputs of all `rows` rows, so all `rows × outputs` values are initialised.
-        unsafe { y.set_len(rows * outputs) };
-        y
+                // The panel in blocks of DEPTH inputs: one block stays in L1 across tiles.
+                for k0 in (0..inputs).step_by(DEPTH) {
+                    let depth = DEPTH.min(inputs - k0);
+                    let block = &panel[k0 * PANEL..][..depth * PANEL];
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let (r0, tile_rows) = tile_span(rows, tiles, t);
+                        let xs = &x[r0 * inputs + k0..][..(tile_rows - 1) * inputs + depth];
+                        (tile.add)(xs, inputs, tile_rows, depth, block, a);
+                    }
+                }
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let (_, tile_rows) = tile_span(rows, tiles, t);
+                    out.write(&mut a[..tile_rows * PANEL]);
+                }
+            },
+        )
     }
 
     /// The dense `(outputs, inputs)` matrix again.
@@ -364,31 +317,8 @@ impl PackedWeight {
     }
 }
 
-/// Rows `(first, count)` of tile `t` when `rows` rows are split into `tiles` tiles of at most a
-/// kernel's rows: sizes differ by at most one (80 rows in tiles of 6: ten tiles of 6 and four of
-/// 5, rather than thirteen of 6 and one of 2, whose 4 accumulators cannot hide the FMA latency).
-fn tile_span(rows: usize, tiles: usize, t: usize) -> (usize, usize) {
-    let (base, extra) = (rows / tiles, rows % tiles);
-    (t * base + t.min(extra), base + usize::from(t < extra))
-}
-
 /// An element-wise function applied in place to a product's outputs ([`PackedWeight::linear_then`]).
 pub type Epilogue = fn(&mut [f32]);
-
-/// A raw output pointer shared by tasks that write disjoint parts of the output.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only the outputs of its own panels (see `PackedWeight::product`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `offset` elements further (taking `self` whole, so that closures capture
-    /// the `Send` wrapper rather than its raw field).
-    fn add(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
 
 /// Inputs per block of a panel (16 KiB of it: stays in L1 while every row tile reads it).
 const DEPTH: usize = 256;
@@ -417,12 +347,12 @@ pub enum F32Kernel {
     Avx512,
 }
 
-impl F32Kernel {
-    /// Every kernel, slowest first.
-    pub const ALL: [F32Kernel; 3] = [F32Kernel::Portable, F32Kernel::Avx2, F32Kernel::Avx512];
+impl KernelFamily for F32Kernel {
+    const ALL: &'static [Self] = &[F32Kernel::Portable, F32Kernel::Avx2, F32Kernel::Avx512];
+    const ENV: &'static str = KERNEL_ENV;
+    const WHAT: &'static str = "f32";
 
-    /// The kernel's name, as [`KERNEL_ENV`] spells it.
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             F32Kernel::Portable => "portable",
             F32Kernel::Avx2 => "avx2",
@@ -430,8 +360,15 @@ impl F32Kernel {
         }
     }
 
-    /// Whether this CPU runs the kernel (checked at run time).
-    pub fn is_supported(self) -> bool {
+    fn needs(self) -> &'static str {
+        match self {
+            F32Kernel::Portable => "nothing",
+            F32Kernel::Avx2 => "AVX2 and FMA",
+            F32Kernel::Avx512 => "AVX512F",
+        }
+    }
+
+    fn is_supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
@@ -447,51 +384,13 @@ impl F32Kernel {
             self == F32Kernel::Portable
         }
     }
+}
 
-    /// The kernels this CPU runs, slowest first.
-    pub fn supported() -> Vec<F32Kernel> {
-        Self::ALL.into_iter().filter(|k| k.is_supported()).collect()
-    }
-
-    /// The kernel named `request` (an error if unknown or not supported by this CPU), or the
-    /// fastest this CPU runs when `None` or empty.
-    pub fn choose(request: Option<&str>) -> crate::Result<F32Kernel> {
-        let request = request.map(str::trim).filter(|r| !r.is_empty());
-        let Some(name) = request else {
-            return Ok(Self::ALL
-                .into_iter()
-                .rev()
-                .find(|k| k.is_supported())
-                .unwrap_or(F32Kernel::Portable));
-        };
-        let Some(kernel) = Self::ALL.into_iter().find(|k| k.name() == name) else {
-            return Err(crate::Error::Invalid(format!(
-                "{KERNEL_ENV}={name}: unknown f32 kernel (expected one of {})",
-                Self::ALL.map(Self::name).join(", ")
-            )));
-        };
-        if !kernel.is_supported() {
-            let here: Vec<&str> = Self::supported().into_iter().map(Self::name).collect();
-            return Err(crate::Error::Invalid(format!(
-                "{KERNEL_ENV}={name}: this CPU cannot run it (this CPU runs: {})",
-                here.join(", ")
-            )));
-        }
-        Ok(kernel)
-    }
-
-    /// The kernel the products use: the one [`KERNEL_ENV`] names, else the fastest this CPU runs
-    /// (decided once per process; an error every time if the variable names a kernel that is
-    /// unknown or that this CPU lacks).
+impl F32Kernel {
+    /// The kernel the products use (see [`selected_kernel`]).
     pub fn selected() -> candle_core::Result<F32Kernel> {
         static SELECTED: OnceLock<Result<F32Kernel, String>> = OnceLock::new();
-        SELECTED
-            .get_or_init(|| {
-                let request = std::env::var(KERNEL_ENV).ok();
-                Self::choose(request.as_deref()).map_err(|e| e.to_string())
-            })
-            .clone()
-            .map_err(candle_core::Error::msg)
+        selected_kernel(&SELECTED)
     }
 
     /// The tile function and its rows per tile. Panics if the CPU cannot run the kernel (the
@@ -806,7 +705,7 @@ mod tests {
     fn kernel_choice() {
         let best = F32Kernel::choose(None).unwrap();
         assert_eq!(Some(&best), F32Kernel::supported().last());
-        for k in F32Kernel::ALL {
+        for &k in F32Kernel::ALL {
             match F32Kernel::choose(Some(k.name())) {
                 Ok(chosen) => assert!(k.is_supported() && chosen == k),
                 Err(e) => {

@@ -69,6 +69,9 @@ use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::packed::{with_f32_slices, Epilogue, PANEL};
+use super::panel_product::{
+    check_operands, product_by_panels, selected_kernel, tile_span, KernelFamily,
+};
 
 /// Inputs per group: the 4 consecutive inputs whose products one `vpdpbusd` lane adds.
 pub const GROUP: usize = 4;
@@ -344,24 +347,7 @@ impl QuantizedWeight {
         bias: Option<&[f32]>,
         epilogue: Option<Epilogue>,
     ) -> candle_core::Result<Vec<f32>> {
-        let (rows, inputs) = x.dims2()?;
-        if inputs != self.inputs {
-            candle_core::bail!(
-                "quantized linear: input {:?} does not match weight ({}, {})",
-                x.dims(),
-                self.outputs,
-                self.inputs
-            );
-        }
-        if let Some(b) = bias {
-            if b.len() != self.outputs {
-                candle_core::bail!(
-                    "quantized linear: {} bias values for {} outputs",
-                    b.len(),
-                    self.outputs
-                );
-            }
-        }
+        let rows = check_operands("quantized linear", x, self.outputs, self.inputs, bias)?;
         let kernel = Int8Kernel::selected()?;
         with_contiguous_f32(x, |x| Ok(self.product(x, rows, bias, kernel, epilogue)))
     }
@@ -376,94 +362,63 @@ impl QuantizedWeight {
         kernel: Int8Kernel,
         epilogue: Option<Epilogue>,
     ) -> Vec<f32> {
-        let (outputs, inputs) = (self.outputs, self.inputs);
-        if rows == 0 || outputs == 0 {
-            return vec![0f32; rows * outputs];
+        if rows == 0 || self.outputs == 0 {
+            return vec![0f32; rows * self.outputs];
         }
         let tile = kernel.tile();
-        let acts = Activations::quantize(x, rows, inputs, tile.code_offset);
+        let tiles = rows.div_ceil(tile.rows);
+        let acts = Activations::quantize(x, rows, self.inputs, tile.code_offset);
         let stride = acts.stride;
-        // Every element is written below (each task its panels' outputs of every row): no
-        // zero-filling pass first.
-        let mut y = Vec::<f32>::with_capacity(rows * outputs);
         let (groups, scales, colsums) = self.view();
         let per_panel = self.groups_per_panel();
-        let panel_count = self.panel_count();
-        // A few chunks of panels per thread: every core busy, no synchronisation inside.
-        let chunk = panel_count
-            .div_ceil(2 * rayon::current_num_threads())
-            .max(1);
-        let out = OutPtr(y.as_mut_ptr());
-        (0..panel_count.div_ceil(chunk))
-            .into_par_iter()
-            .for_each(|c| {
-                let tiles = rows.div_ceil(tile.rows);
-                let mut acc = vec![[[0i32; PANEL]; MAX_TILE_ROWS]; tiles];
-                let mut result = [0f32; MAX_TILE_ROWS * PANEL];
-                for p in c * chunk..((c + 1) * chunk).min(panel_count) {
-                    let panel = &groups[p * per_panel..][..per_panel];
-                    acc.fill([[0; PANEL]; MAX_TILE_ROWS]);
-                    // The panel in blocks of DEPTH_GROUPS groups: one block stays in L1 across
-                    // tiles.
-                    for g0 in (0..per_panel).step_by(DEPTH_GROUPS) {
-                        let block = &panel[g0..][..DEPTH_GROUPS.min(per_panel - g0)];
-                        for (t, a) in acc.iter_mut().enumerate() {
-                            let (r0, tile_rows) = tile_span(rows, tiles, t);
-                            let xs = &acts.codes[r0 * stride + g0 * GROUP..]
-                                [..(tile_rows - 1) * stride + block.len() * GROUP];
-                            (tile.add)(xs, stride, tile_rows, block, a);
-                        }
-                    }
-                    let width = PANEL.min(outputs - p * PANEL);
-                    let scale = &scales[p * PANEL..][..PANEL];
-                    let colsum: &[i32; PANEL] =
-                        colsums[p * PANEL..][..PANEL].try_into().expect("a panel");
-                    if tile.code_offset != 0 {
-                        // The kernel summed (xq − offset)·q: add offset·colsum back (exact).
-                        let offset = i32::from(tile.code_offset);
-                        for a in &mut acc {
-                            for a in a.iter_mut() {
-                                for (a, c) in a.iter_mut().zip(colsum) {
-                                    *a += offset * c;
-                                }
-                            }
-                        }
-                    }
-                    let mut start = [0f32; PANEL];
-                    if let Some(b) = bias {
-                        start[..width].copy_from_slice(&b[p * PANEL..][..width]);
-                    }
-                    for (t, a) in acc.iter().enumerate() {
-                        let (r0, tile_rows) = tile_span(rows, tiles, t);
-                        let result = &mut result[..tile_rows * PANEL];
-                        for (r, y) in result.chunks_exact_mut(PANEL).enumerate() {
-                            let (s, lo) = acts.params[r0 + r];
-                            dequantize(&a[r], scale, colsum, s, lo, &start, y);
-                        }
-                        if let Some(epilogue) = epilogue {
-                            epilogue(result);
-                        }
-                        for (r, src) in result.chunks_exact(PANEL).enumerate() {
-                            let dst = out.add((r0 + r) * outputs + p * PANEL);
-                            // SAFETY: `y` has room for `rows × outputs` values and outlives the
-                            // loop; this task alone writes outputs `p·PANEL ..+ width` (its own
-                            // panels) of row `r0 + r`, which lie inside it.
-                            unsafe {
-                                if width == PANEL {
-                                    dst.cast::<[f32; PANEL]>()
-                                        .write_unaligned(src.try_into().expect("a panel row"));
-                                } else {
-                                    std::ptr::copy_nonoverlapping(src.as_ptr(), dst, width);
-                                }
-                            }
+        let new_state = || {
+            (
+                vec![[[0i32; PANEL]; MAX_TILE_ROWS]; tiles],
+                [0f32; MAX_TILE_ROWS * PANEL],
+            )
+        };
+        product_by_panels(rows, self.outputs, epilogue, new_state, |state, out| {
+            let (acc, result) = state;
+            let p = out.panel();
+            let panel = &groups[p * per_panel..][..per_panel];
+            acc.fill([[0; PANEL]; MAX_TILE_ROWS]);
+            // The panel in blocks of DEPTH_GROUPS groups: one block stays in L1 across tiles.
+            for g0 in (0..per_panel).step_by(DEPTH_GROUPS) {
+                let block = &panel[g0..][..DEPTH_GROUPS.min(per_panel - g0)];
+                for (t, a) in acc.iter_mut().enumerate() {
+                    let (r0, tile_rows) = tile_span(rows, tiles, t);
+                    let xs = &acts.codes[r0 * stride + g0 * GROUP..]
+                        [..(tile_rows - 1) * stride + block.len() * GROUP];
+                    (tile.add)(xs, stride, tile_rows, block, a);
+                }
+            }
+            let scale = &scales[p * PANEL..][..PANEL];
+            let colsum: &[i32; PANEL] = colsums[p * PANEL..][..PANEL].try_into().expect("a panel");
+            if tile.code_offset != 0 {
+                // The kernel summed (xq − offset)·q: add offset·colsum back (exact).
+                let offset = i32::from(tile.code_offset);
+                for a in acc.iter_mut() {
+                    for a in a.iter_mut() {
+                        for (a, c) in a.iter_mut().zip(colsum) {
+                            *a += offset * c;
                         }
                     }
                 }
-            });
-        // SAFETY: the panels cover outputs `0..outputs` and every task wrote its panels'
-        // outputs of all `rows` rows, so all `rows × outputs` values are initialised.
-        unsafe { y.set_len(rows * outputs) };
-        y
+            }
+            let mut start = [0f32; PANEL];
+            if let Some(b) = bias {
+                start[..out.width()].copy_from_slice(&b[p * PANEL..][..out.width()]);
+            }
+            for (t, a) in acc.iter().enumerate() {
+                let (r0, tile_rows) = tile_span(rows, tiles, t);
+                let result = &mut result[..tile_rows * PANEL];
+                for (r, y) in result.chunks_exact_mut(PANEL).enumerate() {
+                    let (s, lo) = acts.params[r0 + r];
+                    dequantize(&a[r], scale, colsum, s, lo, &start, y);
+                }
+                out.write(result);
+            }
+        })
     }
 }
 
@@ -481,28 +436,6 @@ fn dequantize(
 ) {
     for j in 0..PANEL {
         y[j] = scale[j] * (s * acc[j] as f32 + lo * colsum[j] as f32) + start[j];
-    }
-}
-
-/// Rows `(first, count)` of tile `t` when `rows` rows are split into `tiles` tiles: sizes differ
-/// by at most one (as in [`super::packed`]).
-fn tile_span(rows: usize, tiles: usize, t: usize) -> (usize, usize) {
-    let (base, extra) = (rows / tiles, rows % tiles);
-    (t * base + t.min(extra), base + usize::from(t < extra))
-}
-
-/// A raw output pointer shared by tasks that write disjoint parts of the output.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only the outputs of its own panels (see `QuantizedWeight::product`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `offset` elements further (taking `self` whole, so that closures capture
-    /// the `Send` wrapper rather than its raw field).
-    fn add(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
     }
 }
 
@@ -629,17 +562,17 @@ pub enum Int8Kernel {
     Avx512Vnni,
 }
 
-impl Int8Kernel {
-    /// Every kernel, slowest first.
-    pub const ALL: [Int8Kernel; 4] = [
+impl KernelFamily for Int8Kernel {
+    const ALL: &'static [Self] = &[
         Int8Kernel::Portable,
         Int8Kernel::Avx2,
         Int8Kernel::AvxVnni,
         Int8Kernel::Avx512Vnni,
     ];
+    const ENV: &'static str = KERNEL_ENV;
+    const WHAT: &'static str = "int8";
 
-    /// The kernel's name, as [`KERNEL_ENV`] spells it.
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Int8Kernel::Portable => "portable",
             Int8Kernel::Avx2 => "avx2",
@@ -648,7 +581,6 @@ impl Int8Kernel {
         }
     }
 
-    /// The CPU features the kernel needs, for messages.
     fn needs(self) -> &'static str {
         match self {
             Int8Kernel::Portable => "nothing",
@@ -658,8 +590,7 @@ impl Int8Kernel {
         }
     }
 
-    /// Whether this CPU runs the kernel (checked at run time).
-    pub fn is_supported(self) -> bool {
+    fn is_supported(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
@@ -680,53 +611,13 @@ impl Int8Kernel {
             self == Int8Kernel::Portable
         }
     }
+}
 
-    /// The kernels this CPU runs, slowest first.
-    pub fn supported() -> Vec<Int8Kernel> {
-        Self::ALL.into_iter().filter(|k| k.is_supported()).collect()
-    }
-
-    /// The kernel named `request` (an error if unknown or not supported by this CPU), or the
-    /// fastest this CPU runs when `None` or empty.
-    pub fn choose(request: Option<&str>) -> crate::Result<Int8Kernel> {
-        let request = request.map(str::trim).filter(|r| !r.is_empty());
-        let Some(name) = request else {
-            return Ok(Self::ALL
-                .into_iter()
-                .rev()
-                .find(|k| k.is_supported())
-                .unwrap_or(Int8Kernel::Portable));
-        };
-        let names = || Self::ALL.map(Self::name).join(", ");
-        let Some(kernel) = Self::ALL.into_iter().find(|k| k.name() == name) else {
-            return Err(crate::Error::Invalid(format!(
-                "{KERNEL_ENV}={name}: unknown int8 kernel (expected one of {})",
-                names()
-            )));
-        };
-        if !kernel.is_supported() {
-            let here: Vec<&str> = Self::supported().into_iter().map(Self::name).collect();
-            return Err(crate::Error::Invalid(format!(
-                "{KERNEL_ENV}={name}: this CPU cannot run it (it needs {}; this CPU runs: {})",
-                kernel.needs(),
-                here.join(", ")
-            )));
-        }
-        Ok(kernel)
-    }
-
-    /// The kernel the products use: the one [`KERNEL_ENV`] names, else the fastest this CPU runs
-    /// (decided once per process; an error every time if the variable names a kernel that is
-    /// unknown or that this CPU lacks).
+impl Int8Kernel {
+    /// The kernel the products use (see [`selected_kernel`]).
     pub fn selected() -> candle_core::Result<Int8Kernel> {
         static SELECTED: OnceLock<Result<Int8Kernel, String>> = OnceLock::new();
-        SELECTED
-            .get_or_init(|| {
-                let request = std::env::var(KERNEL_ENV).ok();
-                Self::choose(request.as_deref()).map_err(|e| e.to_string())
-            })
-            .clone()
-            .map_err(candle_core::Error::msg)
+        selected_kernel(&SELECTED)
     }
 
     /// The tile function and its rows per tile. Panics if the CPU cannot run the kernel (the
@@ -1551,7 +1442,7 @@ mod tests {
         assert!(best.is_supported());
         assert_eq!(Some(&best), Int8Kernel::supported().last());
         assert_eq!(Int8Kernel::choose(Some(" ")).unwrap(), best);
-        for k in Int8Kernel::ALL {
+        for &k in Int8Kernel::ALL {
             match Int8Kernel::choose(Some(k.name())) {
                 Ok(chosen) => assert!(k.is_supported() && chosen == k),
                 Err(e) => {
