@@ -3,6 +3,7 @@
 pub mod augment;
 pub mod checkpoint;
 pub mod collective;
+pub mod denoise;
 mod launch;
 pub mod metrics;
 #[cfg(feature = "nccl")]
@@ -21,6 +22,6 @@ pub use optim::{
     clip_coefficient, clip_grad_norm, linear_warmup_decay, warmup_steps, AdamW, AdamWConfig,
 };
 pub use run::{RunOptions, StepReport, StopRequest, TrainProgress};
-pub use settings::{Accelerator, InitMode, Precision, TrainSettings};
+pub use settings::{Accelerator, InitMode, Objective, Precision, TrainSettings};
 pub use trainable::{masked_cross_entropy, Trainable};
 pub use trainer::{derived_terms_of, train, TrainOutcome, DERIVED_TERM_MIN_COUNT};

@@ -30,6 +30,30 @@ impl std::str::FromStr for InitMode {
     }
 }
 
+/// What the model is trained to generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Objective {
+    /// The keywords of each question (the product).
+    #[default]
+    Keywords,
+    /// Each question from a copy with spans masked (BART's text infilling, see
+    /// [`super::denoise`]): pre-training for a model built from scratch, fine-tuned afterwards
+    /// with `objective = "keywords"` and `model` set to its export.
+    Denoise,
+}
+
+impl std::str::FromStr for Objective {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "keywords" => Ok(Objective::Keywords),
+            "denoise" => Ok(Objective::Denoise),
+            _ => Err(format!("`{s}` is not keywords or denoise")),
+        }
+    }
+}
+
 /// Where training runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -201,6 +225,11 @@ pub struct TrainSettings {
     /// syllables (KS X 1001), so that words unseen in training are still made of known tokens.
     #[cfg_attr(feature = "cli", arg(long, action = clap::ArgAction::Set))]
     pub tokenizer_hangul_alphabet: bool,
+    /// What to train: `keywords` (the product), or `denoise` (reconstruct each question of the
+    /// training and validation files from a copy with spans masked: pre-training, see
+    /// `kb_core::train::denoise`).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub objective: Objective,
 }
 
 impl Default for TrainSettings {
@@ -239,6 +268,7 @@ impl Default for TrainSettings {
             skip_bad_rows: false,
             augment_spans: 0.0,
             tokenizer_hangul_alphabet: false,
+            objective: Objective::Keywords,
         }
     }
 }
@@ -283,6 +313,12 @@ impl TrainSettings {
                     "{} is not a number of copies from 0 to 16",
                     self.augment_spans
                 ),
+            ));
+        }
+        if self.objective == Objective::Denoise && self.augment_spans > 0.0 {
+            return Err((
+                "augment_spans",
+                "span substitution applies to the keywords objective, not to denoise".into(),
             ));
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {

@@ -13,7 +13,7 @@ use super::launch::{run_cpu_workers, run_gpu_workers};
 use super::optim::warmup_steps;
 use super::run::{RunContext, RunOptions, Setup};
 use super::scratch::{scratch_config, train_tokenizer};
-use super::settings::{Accelerator, InitMode, TrainSettings};
+use super::settings::{Accelerator, InitMode, Objective, TrainSettings};
 use super::trainable::Trainable;
 use crate::data::{encode_examples, Dataset, Encoded};
 use crate::error::{Error, Result};
@@ -179,8 +179,19 @@ pub fn train(settings: &TrainSettings, options: &RunOptions) -> Result<TrainOutc
         Some(setup) => setup,
         None => fresh_setup(&settings, &train_ds)?,
     };
-    let derived_terms = derived_terms_of(&train_ds);
-    let train_ds = with_augmented_copies(train_ds, &settings, &derived_terms);
+    let (train_ds, val_ds, derived_terms) = match settings.objective {
+        Objective::Keywords => {
+            let derived_terms = derived_terms_of(&train_ds);
+            let train_ds = with_augmented_copies(train_ds, &settings, &derived_terms);
+            (train_ds, val_ds, derived_terms)
+        }
+        // No keyword labels: no derived terms (grounding a denoiser is meaningless).
+        Objective::Denoise => (
+            denoising_dataset(train_ds, settings.seed),
+            denoising_dataset(val_ds, settings.seed.wrapping_add(1)),
+            DerivedTerms::default(),
+        ),
+    };
     let encode =
         |ds| encode_with_workers(&setup.tokenizer, ds, settings.max_len, settings.num_workers);
     let (train_data, val_data) = (encode(&train_ds)?, encode(&val_ds)?);
@@ -298,6 +309,19 @@ fn with_augmented_copies(
         ds.examples.len()
     );
     ds.examples.extend(copies);
+    ds
+}
+
+/// `ds`'s questions as denoising pairs (see [`super::denoise`]).
+fn denoising_dataset(mut ds: Dataset, seed: u64) -> Dataset {
+    let rows = ds.examples.len();
+    ds.examples = super::denoise::denoising_pairs(&ds.examples, seed);
+    tracing::info!(
+        "denoising objective: {} masked copies of the questions of {} rows of {}",
+        ds.examples.len(),
+        rows,
+        ds.path.display()
+    );
     ds
 }
 
