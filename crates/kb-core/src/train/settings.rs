@@ -505,6 +505,36 @@ mod tests {
         assert_eq!(s.save_top_k, 3);
     }
 
+    /// Every recipe the project ships reads and validates (the README runs them by name).
+    #[test]
+    fn shipped_recipes_read_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut read = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let s = TrainSettings::from_toml_file(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                s.validate()
+                    .unwrap_or_else(|(f, m)| panic!("{}: {f}: {m}", path.display()));
+                read.push((path.file_stem().unwrap().to_string_lossy().to_string(), s));
+            }
+        }
+        let recipe = |name: &str| &read.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(recipe("denoise-cpu").objective, Objective::Denoise);
+        let full = recipe("full-cpu");
+        assert_eq!(full.init, InitMode::Pretrained);
+        assert!(
+            full.model.starts_with(
+                &recipe("denoise-cpu")
+                    .checkpoint
+                    .to_string_lossy()
+                    .to_string()
+            ),
+            "the full recipe starts from the denoising run's checkpoint"
+        );
+    }
+
     #[test]
     fn toml_overrides_and_rejects_unknown_keys() {
         let s: TrainSettings =
