@@ -2,13 +2,15 @@
 """Generation benchmark: kb-core, transformers and CTranslate2, f32 and int8, on one CPU in one run.
 
     python scripts/bench_generate.py [--model DIR] [--threads 2] [--rounds 3] [--reps 2]
-        [--engines kb,hf,ct2] [--dtypes f32,int8] [--json PATH]
+        [--engines kb,hf,ct2] [--dtypes f32,int8] [--kb-f32-kernels avx2,...] [--json PATH]
 
 Engines (each in its own process, --threads threads, exactly --new-tokens new tokens: minimum
 length = maximum length, so no search ends early):
   kb   kb-core through its bench harness (crates/kb-core/benches/generate.rs), built once with
        `cargo bench --no-run` and run directly; f32 = KB_BENCH_QUANTIZE=none, int8 = int8
-       (RAYON_NUM_THREADS = --threads).
+       (RAYON_NUM_THREADS = --threads). --kb-f32-kernels avx2 (or portable, avx512) adds, after
+       kb f32 with the kernel kb-core picks, kb f32 with that kernel forced (KB_F32_KERNEL), shown
+       as dtype f32@avx2: on an AVX-512 CPU, does the AVX-512 kernel it picks win there?
   hf   transformers' BartForConditionalGeneration.generate; int8 =
        torch.ao.quantization.quantize_dynamic(model, {Linear}, qint8); torch.set_num_threads.
   ct2  CTranslate2 Translator.translate_batch on the model converted by ct2-transformers-converter
@@ -340,10 +342,14 @@ def ensure_ct2(model, dtype):
 
 
 def run_kb(args, binary, dtype):
+    # "f32@avx2": f32 with the f32 kernel forced.
+    base, _, kernel = dtype.partition("@")
     env = dict(os.environ, KB_BENCH_MODEL=str(args.model), KB_BENCH_DTYPES="f32",
-               KB_BENCH_QUANTIZE="none" if dtype == "f32" else "int8", KB_BENCH_REPS=str(args.reps),
+               KB_BENCH_QUANTIZE="none" if base == "f32" else "int8", KB_BENCH_REPS=str(args.reps),
                KB_BENCH_BATCH=str(args.batch), KB_BENCH_NEW_TOKENS=str(args.new_tokens),
                RAYON_NUM_THREADS=str(args.threads))
+    if kernel:
+        env["KB_F32_KERNEL"] = kernel
     res = subprocess.run([binary], cwd=ROOT / "crates" / "kb-core", env=env, capture_output=True, text=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout + res.stderr)
@@ -453,6 +459,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=16, help="tokens generated per query")
     ap.add_argument("--measure", default="greedy,beam,batch", help="subset of greedy,beam,batch (kb runs all)")
     ap.add_argument("--prompts", help="queries from this file (first column) instead of the harness's 4; not kb")
+    ap.add_argument("--kb-f32-kernels", default="",
+                    help="also measure kb f32 with each of these f32 kernels forced (portable, avx2, avx512)")
     ap.add_argument("--json", help="write all raw results here")
     ap.add_argument("--machine-info", action="store_true", help="print the machine header and exit")
     ap.add_argument("--worker", choices=["hf", "ct2"], help=argparse.SUPPRESS)
@@ -490,6 +498,13 @@ def main():
     binary = build_kb_bench() if "kb" in engines else None
     ct2_dirs = {d: ensure_ct2(model, d) for d in dtypes} if "ct2" in engines else {}
     configs = [(e, d) for e in engines for d in dtypes]
+    kernels = [k.strip() for k in args.kb_f32_kernels.split(",") if k.strip()]
+    for k in kernels:
+        if k not in ("portable", "avx2", "avx512"):
+            ap.error(f"unknown f32 kernel {k!r} (portable, avx2, avx512)")
+    if kernels and ("kb", "f32") in configs:
+        at = configs.index(("kb", "f32")) + 1
+        configs[at:at] = [("kb", f"f32@{k}") for k in kernels]
     print(f"# model {model}; {args.new_tokens} new tokens; batch 1: {args.reps}×"
           f"{len(read_prompts(args.prompts)) if args.prompts else len(QUERIES)} queries; batched: {args.reps}×"
           f"{args.batch} queries, beam {args.beams}; {args.rounds} rounds of "
