@@ -83,13 +83,7 @@ impl LazyWeights {
             .iter()
             .map(|(name, stored)| (name.clone(), stored.shape()))
             .collect();
-        let source = files
-            .files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let resolution = resolve_tensors(&shapes, cfg, &source)?;
+        let resolution = resolve_tensors(&shapes, cfg, &files.describe())?;
         let mut tensors = HashMap::new();
         for (name, origin) in resolution.origins {
             let stored = match origin {

@@ -50,6 +50,15 @@ pub const WEIGHT_FILE_NAMES: [&str; 4] = [
 ];
 
 impl WeightFiles {
+    /// The files, comma-separated, for error messages.
+    pub fn describe(&self) -> String {
+        self.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// Finds the weights in `dir`.
     pub fn find(dir: &Path) -> Result<Self> {
         let formats = [
@@ -267,13 +276,7 @@ pub fn load_checked(
     device: &Device,
 ) -> Result<(HashMap<String, Tensor>, LoadReport)> {
     let raw = read_tensors(files)?;
-    let source = files
-        .files
-        .iter()
-        .map(|f| f.display().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    check_tensors(raw, cfg, dtype, device, &source)
+    check_tensors(raw, cfg, dtype, device, &files.describe())
 }
 
 /// Canonicalises and checks already-read tensors (see [`load_checked`]); `source` names the
