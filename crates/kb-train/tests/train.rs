@@ -18,32 +18,38 @@ fn tiny_workspace(n_train: usize, n_test: usize) -> tempfile::TempDir {
     )
 }
 
+/// The data and optimisation flags every run here shares (scratch or from a checkpoint).
+const RUN_FLAGS: [&str; 12] = [
+    "--train_file",
+    "train.tsv",
+    "--test_file",
+    "test.tsv",
+    "--batch_size",
+    "8",
+    "--max_len",
+    "48",
+    "--lr",
+    "3e-3",
+    "--num_workers",
+    "2",
+];
+
+/// kb-train from scratch (`model.json`, a 300-token tokenizer) with [`RUN_FLAGS`] and `extra`.
 fn kb_train(dir: &Path, extra: &[&str]) -> Output {
-    let mut args: Vec<String> = [
+    let scratch = [
         "--init",
         "scratch",
         "--model_config",
         "model.json",
         "--tokenizer_vocab_size",
         "300",
-        "--train_file",
-        "train.tsv",
-        "--test_file",
-        "test.tsv",
-        "--batch_size",
-        "8",
-        "--max_len",
-        "48",
-        "--lr",
-        "3e-3",
-        "--num_workers",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ];
+    let args: Vec<&str> = scratch
+        .iter()
+        .chain(&RUN_FLAGS)
+        .chain(extra)
+        .copied()
+        .collect();
     run_kb_train(dir, &args)
 }
 
@@ -354,31 +360,15 @@ fn denoising_pretraining_carries_over_to_fine_tuning() {
         .is_none_or(|t| t.terms.is_empty()));
 
     let pre_arg = pre.to_string_lossy().to_string();
-    ok(&run_kb_train(
-        dir.path(),
-        &[
-            "--init",
-            "pretrained",
-            "--model",
-            &pre_arg,
-            "--train_file",
-            "train.tsv",
-            "--test_file",
-            "test.tsv",
-            "--batch_size",
-            "8",
-            "--max_len",
-            "48",
-            "--lr",
-            "3e-3",
-            "--num_workers",
-            "2",
-            "--checkpoint",
-            "fine",
-            "--max_epochs",
-            "1",
-        ],
-    ));
+    let from_pre = ["--init", "pretrained", "--model", &pre_arg];
+    let rest = ["--checkpoint", "fine", "--max_epochs", "1"];
+    let args: Vec<&str> = from_pre
+        .iter()
+        .chain(&RUN_FLAGS)
+        .chain(&rest)
+        .copied()
+        .collect();
+    ok(&run_kb_train(dir.path(), &args));
     // Measured: 4.25 against 5.85 (a scratch model starts near ln(300) ≈ 5.7).
     let fine_first = train_losses(&dir.path().join("fine"))[0].1;
     let scratch_first = pre_losses[0].1;
